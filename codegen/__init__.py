@@ -1,0 +1,1 @@
+"""Renders the kvevents package (generated/kvevents/) from schema/ and codegen/templates/."""

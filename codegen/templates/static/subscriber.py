@@ -1,0 +1,2 @@
+class Notice: pass
+class Subscriber: pass

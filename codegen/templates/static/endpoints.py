@@ -12,9 +12,15 @@ Where upstream is wrong this module fixes it, and says so:
 
 from __future__ import annotations
 
+import errno
 import re
+import time
 
 import zmq
+
+BIND_RETRY_SECONDS = 1.0
+"""libzmq closes a listener asynchronously, so a publisher restarted on the same port can
+find it still taken for a few milliseconds; a bind is retried this long before failing."""
 
 from .errors import EndpointError
 
@@ -85,14 +91,19 @@ def attach(socket: zmq.Socket, endpoint: str, bind: bool | None = None) -> str:
         host, port = split_tcp(endpoint)
         if host == "::":
             endpoint = f"tcp://[::]:{port}"
-    try:
-        if should_bind(endpoint, bind):
-            socket.bind(endpoint)
-            return socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        socket.connect(endpoint)
-        return endpoint
-    except zmq.ZMQError as exc:
-        raise EndpointError(f"cannot use {endpoint!r}: {exc.strerror}") from None
+    deadline = time.monotonic() + BIND_RETRY_SECONDS
+    while True:
+        try:
+            if should_bind(endpoint, bind):
+                socket.bind(endpoint)
+                return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            socket.connect(endpoint)
+            return endpoint
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            raise EndpointError(f"cannot use {endpoint!r}: {exc.strerror}") from None
 
 
 def connectable(endpoint: str) -> str:

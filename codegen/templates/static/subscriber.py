@@ -36,6 +36,9 @@ logger = logging.getLogger("kvevents.subscriber")
 JoinPolicy = Literal["start", "first_seen", "none"]
 _RCVMORE = zmq.RCVMORE
 _NOBLOCK = zmq.NOBLOCK
+_now = time.monotonic
+RECENT = 4096
+_RECENT_MASK = RECENT - 1
 
 
 class Notice(NamedTuple):
@@ -51,15 +54,20 @@ class Notice(NamedTuple):
 
 
 class Delivery(tuple):  # type: ignore[type-arg]
-    """`(seq, batch)`, with the `source` index and its `epoch` (restarts seen) as attributes."""
+    """`(seq, batch)`, with the `source` index, its `epoch` (restarts seen) and the raw
+    `payload` as attributes."""
 
     source: int
     epoch: int
+    payload: bytes
 
-    def __new__(cls, seq: int, batch: KVEventBatch, source: int = 0, epoch: int = 0) -> Delivery:
+    def __new__(
+        cls, seq: int, batch: KVEventBatch, source: int = 0, epoch: int = 0, payload: bytes = b""
+    ) -> Delivery:
         self = tuple.__new__(cls, (seq, batch))
         self.source = source
         self.epoch = epoch
+        self.payload = payload
         return self
 
     @property
@@ -74,13 +82,14 @@ class Delivery(tuple):  # type: ignore[type-arg]
 class _Replay:
     """One replay request in flight."""
 
-    __slots__ = ("attempts", "deadline", "first", "start")
+    __slots__ = ("attempts", "deadline", "first", "probe", "start")
 
-    def __init__(self, start: int, deadline: float) -> None:
+    def __init__(self, start: int, deadline: float, probe: bool = False) -> None:
         self.start = start
         self.deadline = deadline
         self.first = True
         self.attempts = 1
+        self.probe = probe
 
 
 class Source:
@@ -91,10 +100,13 @@ class Source:
         self.endpoint = endpoint
         self.replay_endpoint = replay_endpoint
         self.expected: int | None = None
-        self.last_live: int | None = None  # the live watermark: SUB delivers in order, so a
-        # seq at or below it means the publisher restarted, while a seq below `expected`
-        # but above it is a batch that a replay already delivered.
+        self.last_live: int | None = None
+        # The last RECENT delivered (seq, payload) pairs. Replayed bytes are the live bytes, so
+        # a live seq below `expected` is a duplicate only if its payload matches what was
+        # delivered under that seq; otherwise the publisher restarted (the wire has no epoch).
+        self.recent: list[tuple[int, bytes] | None] = [None] * RECENT
         self.epoch = 0
+        self.last_activity = time.monotonic()
         self.pending: dict[int, bytes] = {}
         self.replay: _Replay | None = None
         self.sub: zmq.Socket | None = None
@@ -107,7 +119,9 @@ class Subscriber:
     `join` says what to do on joining a stream mid-way: "start" replays from seq 0 (as far
     back as the publisher's buffer reaches), "first_seen" starts at the first live seq
     received, "none" starts there too and never requests a replay (gaps are reported as
-    history lost). `max_buffered` bounds the live batches held while a replay is in
+    history lost). `idle_probe`: after that many quiet seconds a source is asked for a
+    replay from its next seq, which finds a tail the PUB socket dropped when no later live
+    batch would reveal it (None disables). `max_buffered` bounds the live batches held while a replay is in
     flight; `replay_timeout` and `replay_attempts` bound how long a replay may stall.
     """
 
@@ -122,6 +136,7 @@ class Subscriber:
         max_buffered: int = 100_000,
         replay_timeout: float = 2.0,
         replay_attempts: int = 3,
+        idle_probe: float | None = 1.0,
         on_notice: Callable[[Notice], None] | None = None,
         context: zmq.Context | None = None,
         rcvhwm: int = 100_000,
@@ -138,6 +153,7 @@ class Subscriber:
         self._max_buffered = max_buffered
         self._replay_timeout = replay_timeout
         self._replay_attempts = replay_attempts
+        self._idle_probe = idle_probe
         self._on_notice = on_notice or (lambda n: logger.info("kvevents: %s", n))
         self._ctx = context or zmq.Context.instance()
         self._rcvhwm = rcvhwm
@@ -179,6 +195,10 @@ class Subscriber:
         attach(sub, endpoint, bind=False)
         if replay_endpoint is not None:
             self._open_dealer(source)
+            if self._join == "start":
+                # Ask at once: a quiet publisher may send nothing live for a long time.
+                source.expected = 0
+                self._request_replay(source, 0)
         return source
 
     def _open_dealer(self, source: Source) -> None:
@@ -221,7 +241,18 @@ class Subscriber:
             else:
                 self._drain_live(source, sock, out, max_messages)
         self._check_replay_timeouts(out)
+        if self._idle_probe is not None:
+            self._probe_idle_sources()
         return out
+
+    def _probe_idle_sources(self) -> None:
+        now = time.monotonic()
+        for source in self.sources:
+            if source.replay is None and source.expected is not None and now - source.last_activity > self._idle_probe:
+                source.last_activity = now
+                if self._request_replay(source, source.expected):
+                    assert source.replay is not None
+                    source.replay.probe = True
 
     def __iter__(self) -> Iterator[Delivery]:
         while not self._closed:
@@ -255,20 +286,23 @@ class Subscriber:
             self._on_live(source, int.from_bytes(seq_frame, "big"), payload, out)
 
     def _on_live(self, source: Source, seq: int, payload: bytes, out: list[Delivery]) -> None:
-        last_live = source.last_live
+        source.last_activity = _now()
         source.last_live = seq
         expected = source.expected
         if seq == expected and source.replay is None:
             self._deliver(source, seq, payload, out)
+            if source.pending:
+                self._flush_pending(source, out)
             return
         if expected is None:
             self._join_stream(source, seq, payload, out)
             return
-        if last_live is not None and seq <= last_live:
-            self._restart(source, seq, payload, out)
-            return
         if seq < expected:
-            self.stats["duplicates"] += 1
+            entry = source.recent[seq & _RECENT_MASK]
+            if entry is not None and entry[0] == seq and entry[1] == payload:
+                self.stats["duplicates"] += 1
+                return
+            self._restart(source, seq, payload, out)
             return
         if source.replay is None:
             # A gap on the live stream: hold this batch and ask for the missing ones.
@@ -298,6 +332,7 @@ class Subscriber:
         self._notice("reset", source, expected=source.expected, got=seq, epoch=source.epoch + 1)
         source.epoch += 1
         source.pending.clear()
+        source.recent = [None] * RECENT
         if source.replay is not None:
             source.replay = None
             self._reset_dealer(source)
@@ -307,7 +342,10 @@ class Subscriber:
     def _request_replay(self, source: Source, start: int) -> bool:
         if source.dealer is None or self._join == "none":
             return False
-        source.dealer.send_multipart(frames.pack_replay_request(start))
+        try:
+            source.dealer.send_multipart(frames.pack_replay_request(start), _NOBLOCK)
+        except zmq.Again:
+            pass  # not connected yet: the replay timeout retries it
         source.replay = _Replay(start, time.monotonic() + self._replay_timeout)
         self.stats["replays_requested"] += 1
         return True
@@ -327,6 +365,7 @@ class Subscriber:
                 self._malformed(source, f"replay reply: {exc}")
                 continue
             replay.deadline = time.monotonic() + self._replay_timeout
+            source.last_activity = time.monotonic()
             if item.is_end:
                 self._end_replay(source, out)
                 continue
@@ -347,21 +386,23 @@ class Subscriber:
 
     def _end_replay(self, source: Source, out: list[Delivery]) -> None:
         replay = source.replay
-        assert replay is not None
+        assert replay is not None and source.expected is not None
         source.replay = None
         self._flush_pending(source, out)
+        progressed = source.expected > replay.start
+        # END only proves we reached the publisher's newest seq when it was asked. Batches
+        # published since then and dropped live (a hole before the buffered ones), or not yet
+        # seen at all (no live batch so far), are still in its buffer: ask again from here.
+        # A replay that brings nothing settles it, so this never loops on a quiet stream.
+        if progressed and (source.pending or source.last_live is None):
+            self._request_replay(source, source.expected)
+            return
         if source.pending:
-            assert source.expected is not None
-            if source.expected > replay.start:
-                # The replay ended at the publisher's newest seq when it was asked; live
-                # batches dropped since then are still in its buffer: ask again from here.
-                self._request_replay(source, source.expected)
-                return
             first = min(source.pending)
             self._lost(source, source.expected, first, "replay returned nothing before the live stream")
             source.expected = first
             self._flush_pending(source, out)
-        else:
+        elif not (replay.probe and not progressed):
             self.stats["repaired"] += 1
             self._notice("repaired", source, next_seq=source.expected)
 
@@ -413,6 +454,7 @@ class Subscriber:
 
     def _deliver(self, source: Source, seq: int, payload: bytes, out: list[Delivery]) -> None:
         source.expected = seq + 1
+        source.recent[seq & _RECENT_MASK] = (seq, payload)
         try:
             batch = decode(payload)
         except DecodeError as exc:
@@ -425,11 +467,11 @@ class Subscriber:
                     "event_errors", source, seq=seq, errors=[(e.index, e.reason) for e in batch.errors]
                 )
             self.stats["delivered"] += 1
-            out.append(Delivery(seq, batch, source.index, source.epoch))
-        if source.pending and source.replay is None:
-            self._flush_pending(source, out)
+            out.append(Delivery(seq, batch, source.index, source.epoch, payload))
 
     def _lost(self, source: Source, first: int, end: int, reason: str) -> None:
+        if end <= first:
+            return
         self.stats["history_lost"] += end - first
         self._notice("history_lost", source, first=first, last=end - 1, reason=reason)
 

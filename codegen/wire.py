@@ -29,7 +29,7 @@ def derive_wire_schema(model: Model) -> dict[str, Any]:
             field_schemas = []
             for df in de.fields:
                 per = props[df.name]["x-dialects"][d.name]
-                field_schemas.append((df, _value_schema(per.get("schema", props[df.name]))))
+                field_schemas.append((df, _value_schema(per.get("wire", per.get("schema", props[df.name])))))
             if d.is_positional:
                 body: dict[str, Any] = {
                     "type": "array",

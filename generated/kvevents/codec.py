@@ -18,6 +18,7 @@ import msgspec
 from .errors import DecodeError, EncodeError
 from .events import (
     ALTERNATIVE_TYPES,
+    ARRAY_ALTERNATIVE_TYPES,
     FROM_ALTERNATIVE,
     FROM_ARRAY,
     AllBlocksCleared,
@@ -120,6 +121,7 @@ _array_batch = msgspec.msgpack.Decoder(_ArrayBatch)
 _raw_batch = msgspec.msgpack.Decoder(_RawBatch)
 _map_event = msgspec.msgpack.Decoder(Event)
 _alternative_events = [msgspec.msgpack.Decoder(t) for t in ALTERNATIVE_TYPES]
+_array_alternative_events = [msgspec.msgpack.Decoder(t) for t in ARRAY_ALTERNATIVE_TYPES]
 _array_event = msgspec.msgpack.Decoder(_ArrayEvent)
 _encoder = msgspec.msgpack.Encoder()
 _MAP_HEADS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
@@ -159,8 +161,7 @@ def _decode_isolating(payload: bytes | bytearray | memoryview) -> KVEventBatch:
             if head in _MAP_HEADS:
                 events.append(_decode_map_event(data))
             elif head in _ARRAY_HEADS:
-                positional = _array_event.decode(data)
-                events.append(FROM_ARRAY[type(positional)](positional))  # type: ignore[operator]
+                events.append(_decode_array_event(data))
             else:
                 errors.append(EventError(index, "event is neither a map nor an array", data))
         except _DECODE_FAILURES as exc:
@@ -168,17 +169,31 @@ def _decode_isolating(payload: bytes | bytearray | memoryview) -> KVEventBatch:
     return KVEventBatch(ts=raw.ts, events=events, dp_rank=raw.dp_rank, errors=tuple(errors))
 
 
+def _decode_array_event(data: bytes) -> Event:
+    try:
+        positional = _array_event.decode(data)
+        return FROM_ARRAY[type(positional)](positional)  # type: ignore[no-any-return,operator]
+    except _DECODE_FAILURES as first:
+        return _decode_alternative(data, _array_alternative_events, first)
+
+
 def _decode_map_event(data: bytes) -> Event:
     try:
         return _map_event.decode(data)
     except _DECODE_FAILURES as first:
-        for decoder in _alternative_events:
-            try:
-                alternative = decoder.decode(data)
-            except _DECODE_FAILURES:
-                continue
-            return FROM_ALTERNATIVE[type(alternative)](alternative)  # type: ignore[index,operator]
-        raise first
+        return _decode_alternative(data, _alternative_events, first)
+
+
+def _decode_alternative(
+    data: bytes, decoders: list[msgspec.msgpack.Decoder], first: BaseException
+) -> Event:
+    for decoder in decoders:
+        try:
+            alternative = decoder.decode(data)
+        except _DECODE_FAILURES:
+            continue
+        return FROM_ALTERNATIVE[type(alternative)](alternative)  # type: ignore[no-any-return,index,operator]
+    raise first
 
 
 def _BlockStored_to_vllm(e: BlockStored) -> vllm.BlockStored:

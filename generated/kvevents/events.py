@@ -115,6 +115,24 @@ class _AllBlocksClearedArray(msgspec.Struct, tag="AllBlocksCleared", array_like=
     pass
 
 
+class _BlockStoredArrayAlt1(msgspec.Struct, tag="BlockStored", array_like=True, gc=False):
+    block_hashes: list[BlockHash]
+    parent_block_hash: BlockHash | None
+    token_ids: list[tuple[TokenId, TokenId]]
+    block_size: Annotated[int, Meta(ge=0, le=4294967295)]
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: list[tuple[Any, ...] | None] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: str | None = None
+    lookahead_token_ids: list[list[TokenId]] | None = None
+
+
 _ArrayEvent = _BlockStoredArray | _BlockRemovedArray | _AllBlocksClearedArray
 
 
@@ -187,32 +205,17 @@ def _AllBlocksCleared_from_array(e: _AllBlocksClearedArray) -> AllBlocksCleared:
     return AllBlocksCleared()
 
 
-def _BlockStored_from_alt1(e: _BlockStoredAlt1) -> BlockStored:
-    return BlockStored(
-        block_hashes=e.block_hashes,
-        parent_block_hash=e.parent_block_hash,
-        token_ids=e.token_ids,
-        block_size=e.block_size,
-        lora_id=e.lora_id,
-        medium=e.medium,
-        lora_name=e.lora_name,
-        extra_keys=e.extra_keys,
-        group_idx=e.group_idx,
-        kv_cache_spec_kind=e.kv_cache_spec_kind,
-        kv_cache_spec_sliding_window=e.kv_cache_spec_sliding_window,
-        locality=e.locality,
-        ownership=e.ownership,
-        session_id=e.session_id,
-        lookahead_token_ids=e.lookahead_token_ids,
-        cache_salt=e.cache_salt,
-    )  # type: ignore[arg-type]
+def _BlockStored_from_alt1(e: Any) -> BlockStored:
+    return BlockStored(**{f: getattr(e, f) for f in e.__struct_fields__})
 
 
 FROM_ALTERNATIVE = {
     _BlockStoredAlt1: _BlockStored_from_alt1,
+    _BlockStoredArrayAlt1: _BlockStored_from_alt1,
 }
-"""Decoders of the split-union alternatives, tried after the canonical struct fails."""
-ALTERNATIVE_TYPES: tuple[type, ...] = tuple(FROM_ALTERNATIVE)
+"""Split-union alternatives, tried after the canonical struct fails (map, then array form)."""
+ALTERNATIVE_TYPES: tuple[type, ...] = (_BlockStoredAlt1,)
+ARRAY_ALTERNATIVE_TYPES: tuple[type, ...] = (_BlockStoredArrayAlt1,)
 
 
 FROM_ARRAY = {

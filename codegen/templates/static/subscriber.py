@@ -235,7 +235,10 @@ class Subscriber:
             wait_ms = deadline_ms if wait_ms is None else min(wait_ms, deadline_ms)
         ready = self._poller.poll(wait_ms)
         for sock, _ in ready:
-            source, is_replay = self._owners[sock]
+            owner = self._owners.get(sock)
+            if owner is None:
+                continue  # a DEALER replaced earlier in this round
+            source, is_replay = owner
             if is_replay:
                 self._drain_replay(source, sock, out, max_messages)
             else:
@@ -287,6 +290,7 @@ class Subscriber:
 
     def _on_live(self, source: Source, seq: int, payload: bytes, out: list[Delivery]) -> None:
         source.last_activity = _now()
+        last_live = source.last_live
         source.last_live = seq
         expected = source.expected
         if seq == expected and source.replay is None:
@@ -299,7 +303,13 @@ class Subscriber:
             return
         if seq < expected:
             entry = source.recent[seq & _RECENT_MASK]
-            if entry is not None and entry[0] == seq and entry[1] == payload:
+            if entry is not None and entry[0] == seq:
+                duplicate = entry[1] == payload  # same seq, other bytes: a new stream
+            else:
+                # Older than the recent window: a live stream lagging behind a replay still
+                # moves forward; a seq at or below the live watermark means a restart.
+                duplicate = last_live is not None and seq > last_live
+            if duplicate:
                 self.stats["duplicates"] += 1
                 return
             self._restart(source, seq, payload, out)

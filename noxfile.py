@@ -64,10 +64,3 @@ def demo(session: nox.Session) -> None:
     """The main job: publish, break and repair a stream on loopback (`kvevents demo`)."""
     session.install("-e", ".")
     session.run("kvevents", "demo", *session.posargs)
-
-
-@nox.session(python=PYTHON)
-def bench(session: nox.Session) -> None:
-    """Side-by-side benchmarks against the real vLLM 0.33.0 and SGLang 0.5.23 publishers."""
-    session.install("-e", ".", "matplotlib>=3.8")
-    session.run("python", "-m", "bench", *session.posargs, env={"PYTHONPATH": "."})

@@ -63,10 +63,6 @@ def _ruff(source: str, filename: str) -> str:
     ).stdout
 
 
-def _header_sources(*names: str) -> list[str]:
-    return [f"schema/{n}" if not n.startswith("codegen/") else n for n in names]
-
-
 def _config_model() -> str:
     """The union pydantic model, rendered by datamodel-code-generator."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +106,6 @@ def render_all(model: Model | None = None) -> dict[Path, str]:
         text = env.get_template(template).render(**header(*sources), **context)
         files[path] = _ruff(text, path.name)
 
-    events_src = (f"schema/{EVENTS_SCHEMA}", f"codegen/templates/{{}}")
     defs = model.events_schema["$defs"]
     emit(
         PACKAGE / "events.py", "events.py.j2", (f"schema/{EVENTS_SCHEMA}", "codegen/templates/events.py.j2"),
@@ -165,5 +160,4 @@ def render_all(model: Model | None = None) -> dict[Path, str]:
         files[PACKAGE / static.name] = _ruff(text, static.name)
     files[PACKAGE / "py.typed"] = ""
     files[WIRE_SCHEMA] = render_wire_schema(model)
-    del events_src
     return dict(sorted(files.items()))

@@ -87,9 +87,6 @@ def test_a_payload_that_is_not_a_batch_is_reported_and_the_stream_continues(publ
     publishers.append(publisher)
     notices = []
 
-    class Garbage:  # what a broken producer might send: encodes, but is not a batch
-        pass
-
     with Subscriber(publisher.connect_endpoint, publisher.connect_replay_endpoint, on_notice=notices.append) as sub:
         publisher.publish(batch(0))
         publisher.publish(vllm.EventBatch(ts=1.0, events=["not an event"]))
@@ -103,7 +100,6 @@ def test_a_payload_that_is_not_a_batch_is_reported_and_the_stream_continues(publ
     assert got[1].batch.errors and got[1].batch.errors[0].index == 0
     assert stats["decode_errors"] == 1 and stats["replays_requested"] <= 2
     assert {"decode_error", "event_errors"} <= {n.kind for n in notices}
-    del Garbage
 
 
 def test_joining_mid_stream_replays_from_start_or_not(publishers):

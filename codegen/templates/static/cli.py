@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from .codec import DROPPED_FIELDS
 from .errors import KVEventsError
 from .subscriber import Notice, Subscriber
 
@@ -21,10 +22,8 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON: {type(value).__name__}")
 
 
-_VLLM_ONLY = frozenset(
-    ("extra_keys", "group_idx", "kv_cache_spec_kind", "kv_cache_spec_sliding_window", "locality",
-     "ownership", "lookahead_token_ids")
-)
+# Fields only vLLM writes, from the schema: what vLLM carries and SGLang cannot.
+_VLLM_ONLY = frozenset(DROPPED_FIELDS["sglang"]["BlockStored"]) - frozenset(DROPPED_FIELDS["vllm"]["BlockStored"])
 
 
 def sniff_dialect(payload: bytes) -> str:

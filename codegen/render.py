@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -51,6 +52,8 @@ def _environment() -> jinja2.Environment:
 
 def _ruff(source: str, filename: str) -> str:
     """Sort imports and format, as `ruff` pinned in pyproject does it."""
+    if importlib.util.find_spec("ruff") is None:
+        raise SystemExit("codegen needs its pinned toolchain: pip install -e '.[codegen]' (or use nox -s regenerate)")
     base = [sys.executable, "-m", "ruff"]
     config = ["--config", str(ROOT / "pyproject.toml")]
     fixed = subprocess.run(

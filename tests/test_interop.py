@@ -1,59 +1,24 @@
 """Interop with the real SGLang 0.5.23 publisher, loaded from its wheel at run time.
 
-The wheel is fetched with `pip download --no-deps` into tests/.cache (never committed); only
-`sglang/srt/disaggregation/kv_events.py` is loaded, with its two package-internal imports
-stubbed. Skipped, with the reason, when the wheel cannot be fetched."""
+The wheel is fetched by `bench.references` (the loader `nox -s bench` uses) into .cache/wheels
+(never committed); only `sglang/srt/disaggregation/kv_events.py` is loaded, with its two
+package-internal imports stubbed. Skipped, with the reason, when the wheel cannot be fetched."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-import types
-import zipfile
-from pathlib import Path
 
 import pytest
 
+from bench.references import SGLANG, ReferenceUnavailable, load
 from kvevents import Subscriber
 
-CACHE = Path(__file__).resolve().parent / ".cache"
-MODULE = "sglang/srt/disaggregation/kv_events.py"
 
-
-def load_reference_sglang() -> types.ModuleType:
-    CACHE.mkdir(exist_ok=True)
-    wheels = sorted(CACHE.glob("sglang-0.5.23-*.whl"))
-    if not wheels:
-        fetched = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(CACHE), "sglang==0.5.23"],
-            capture_output=True, text=True, timeout=600,
-        )
-        wheels = sorted(CACHE.glob("sglang-0.5.23-*.whl"))
-        if fetched.returncode != 0 or not wheels:
-            pytest.skip(f"sglang 0.5.23 wheel could not be fetched: {fetched.stderr.strip()[-300:]}")
-    source = zipfile.ZipFile(wheels[0]).read(MODULE).decode("utf-8")
-    stubs = {
-        "sglang": types.ModuleType("sglang"),
-        "sglang.srt": types.ModuleType("sglang.srt"),
-        "sglang.srt.runtime_context": types.ModuleType("sglang.srt.runtime_context"),
-        "sglang.srt.utils": types.ModuleType("sglang.srt.utils"),
-        "sglang.srt.utils.network": types.ModuleType("sglang.srt.utils.network"),
-    }
-    stubs["sglang.srt.runtime_context"].get_parallel = lambda: None  # type: ignore[attr-defined]
-    stubs["sglang.srt.utils.network"].NetworkAddress = object  # type: ignore[attr-defined]
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
+def load_reference_sglang():
     try:
-        module = types.ModuleType("reference_sglang_kv_events")
-        exec(compile(source, MODULE, "exec"), module.__dict__)
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = previous
-    return module
+        return load(SGLANG)
+    except ReferenceUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.mark.interop

@@ -6,7 +6,9 @@ Each call sends at most `REPLAY_CHUNK` buffered entries across the open replay s
 round-robin, so live publishing never waits behind a long replay. The buffer is a ring
 indexed by seq, so a session seeks to its start in O(1). A peer whose pipe is full
 (EAGAIN under ROUTER_MANDATORY) is paused and resumed on a later round, so no entry and no
-END marker is ever silently dropped; a peer that is gone ends its session.
+END marker is ever silently dropped; a peer that is gone ends its session. The return value
+says whether the round sent anything: an idle publisher comes straight back for the next
+chunk instead of waiting out its idle poll, and waits only when every peer is full.
 """
 
 from typing import Any
@@ -16,7 +18,7 @@ import zmq
 from .frames import END_SEQ
 
 
-def serve_with_topic(publisher: Any) -> None:
+def serve_with_topic(publisher: Any) -> bool:
     sessions = publisher._sessions
     ring = publisher._ring
     capacity = publisher._capacity
@@ -63,9 +65,10 @@ def serve_with_topic(publisher: Any) -> None:
             sessions.popleft()
             publisher._replay_unreachable += 1
     publisher._replayed_batches += sent
+    return sent > 0
 
 
-def serve_without_topic(publisher: Any) -> None:
+def serve_without_topic(publisher: Any) -> bool:
     sessions = publisher._sessions
     ring = publisher._ring
     capacity = publisher._capacity
@@ -109,6 +112,7 @@ def serve_without_topic(publisher: Any) -> None:
             sessions.popleft()
             publisher._replay_unreachable += 1
     publisher._replayed_batches += sent
+    return sent > 0
 
 
 SERVERS = {

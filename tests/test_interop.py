@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from kvevents import Subscriber
 
 from bench.references import SGLANG, ReferenceUnavailable, load
-from kvevents import Subscriber
 
 
 def load_reference_sglang():
@@ -24,14 +24,29 @@ def load_reference_sglang():
 @pytest.mark.interop
 def test_subscriber_consumes_the_real_sglang_publisher():
     ref = load_reference_sglang()
-    publisher = ref.ZmqEventPublisher(0, endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", bind=True, topic="kv")
+    publisher = ref.ZmqEventPublisher(
+        0, endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", bind=True, topic="kv"
+    )
     try:
         live = publisher._local_pub_endpoint
         replay = publisher._local_replay_endpoint
         for n in range(40):
-            publisher.publish(ref.KVEventBatch(ts=float(n), events=[
-                ref.BlockStored(block_hashes=[-n - 1], parent_block_hash=None, token_ids=[(1, 2), (2, 3)] if n % 2 else [1, 2],
-                                block_size=2, lora_id=None, medium=ref.StorageMedium.CPU, cache_salt="tenant")]))
+            publisher.publish(
+                ref.KVEventBatch(
+                    ts=float(n),
+                    events=[
+                        ref.BlockStored(
+                            block_hashes=[-n - 1],
+                            parent_block_hash=None,
+                            token_ids=[(1, 2), (2, 3)] if n % 2 else [1, 2],
+                            block_size=2,
+                            lora_id=None,
+                            medium=ref.StorageMedium.CPU,
+                            cache_salt="tenant",
+                        )
+                    ],
+                )
+            )
         time.sleep(0.3)
         with Subscriber(live, replay, topic="kv") as sub:
             got = []

@@ -15,6 +15,7 @@ from typing import Any
 
 import zmq
 
+from ._publisher_core import unwrapped_send
 from .frames import END_SEQ
 
 
@@ -24,7 +25,7 @@ def serve_with_topic(publisher: Any) -> bool:
     capacity = publisher._capacity
     next_seq = publisher._next_seq
     oldest = next_seq - capacity if next_seq > capacity else 0
-    send = publisher._replay.send
+    send = unwrapped_send(publisher._replay)
     first = zmq.SNDMORE | zmq.NOBLOCK
     more = zmq.SNDMORE
     topic = publisher._topic_bytes
@@ -74,7 +75,7 @@ def serve_without_topic(publisher: Any) -> bool:
     capacity = publisher._capacity
     next_seq = publisher._next_seq
     oldest = next_seq - capacity if next_seq > capacity else 0
-    send = publisher._replay.send
+    send = unwrapped_send(publisher._replay)
     first = zmq.SNDMORE | zmq.NOBLOCK
     more = zmq.SNDMORE
     budget = publisher.REPLAY_CHUNK

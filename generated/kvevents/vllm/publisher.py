@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from .._publisher_core import QueueFullPolicy, ZmqPublisherCore
+from .._publisher_core import QueueFullPolicy, ZmqPublisherCore, unwrapped_send
 from ..replay import SERVERS
 from .config import KVEventsConfig
 from .structs import EventBatch
@@ -162,7 +162,7 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
     def _run(self) -> None:
         queue = self._queue
         take = queue.popleft
-        send = self._pub.send
+        send = unwrapped_send(self._pub)
         more = zmq.SNDMORE
         topic = self._topic_bytes
         encode = msgspec.msgpack.Encoder().encode

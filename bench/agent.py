@@ -1,0 +1,279 @@
+"""The consumer side of the benchmark, in its own process.
+
+The parent drives it over a pipe. Every live measurement begins with the same handshake,
+because a PUB socket drops everything sent before the subscription has arrived: the parent
+publishes warm-up batches until the agent reports the first one seen, then tells the agent
+the first timed seq. Timestamps are `time.monotonic()`, one clock for both processes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import zmq
+
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+IDLE_TIMEOUT_MS = 2000
+
+
+def _sub(ctx: zmq.Context, endpoint: str, topic: str) -> zmq.Socket:
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    sub.connect(endpoint)
+    return sub
+
+
+def _await_first(sub: zmq.Socket, conn: Connection) -> bool:
+    if not sub.poll(10_000):
+        conn.send({"error": "no warm-up batch arrived within 10 s"})
+        return False
+    sub.recv_multipart()
+    conn.send({"seen": True})
+    return True
+
+
+def count(ctx: zmq.Context, conn: Connection, endpoint: str, topic: str) -> None:
+    """The cheapest possible consumer (three `recv()` calls, the seq parsed, nothing decoded):
+    end to end the publisher is the bottleneck, never this."""
+    sub = _sub(ctx, endpoint, topic)
+    try:
+        if not _await_first(sub, conn):
+            return
+        go = conn.recv()
+        first, last = go["first"], go["first"] + go["n"] - 1
+        recv, poll, noblock = sub.recv, sub.poll, zmq.NOBLOCK
+        received = 0
+        in_order = True
+        previous = first - 1
+        t_last = None
+        # Every sender here sends exactly three frames; poll only when the queue is empty.
+        while True:
+            try:
+                recv(noblock)
+            except zmq.Again:
+                if not poll(IDLE_TIMEOUT_MS):
+                    break
+                continue
+            seq = int.from_bytes(recv(), "big")
+            recv()
+            if seq < first:
+                continue
+            received += 1
+            in_order &= seq > previous
+            previous = seq
+            t_last = time.monotonic()
+            if seq >= last:
+                break
+        conn.send({"received": received, "t_last": t_last, "in_order": in_order})
+    finally:
+        sub.close(linger=0)
+
+
+def deliver(ctx: zmq.Context, conn: Connection, endpoint: str, topic: str, consumer: str) -> None:
+    """A consumer handing decoded batches to its caller, timed from `go` (sent after the whole
+    backlog) to the last delivery, so the figure is the consumer's own rate."""
+    if consumer == "kvevents":
+        from kvevents import Subscriber
+
+        subscriber = Subscriber(endpoint, None, topic, join="first_seen", idle_probe=None, rcvhwm=0)
+        try:
+            deadline = time.monotonic() + 10
+            while not subscriber.poll(0.05):
+                if time.monotonic() > deadline:
+                    conn.send({"error": "no warm-up batch arrived within 10 s"})
+                    return
+            conn.send({"seen": True})
+            go = conn.recv()
+            first, last = go["first"], go["first"] + go["n"] - 1
+            t0 = time.monotonic()
+            delivered, previous, in_order, t_last = 0, first - 1, True, None
+            poll = subscriber.poll
+            done = False
+            while not done:
+                batches = poll(IDLE_TIMEOUT_MS / 1000)
+                if not batches:
+                    break
+                for seq, _batch in batches:
+                    if seq < first:
+                        continue
+                    delivered += 1
+                    in_order &= seq == previous + 1
+                    previous = seq
+                    if seq >= last:
+                        done = True
+                t_last = time.monotonic()
+        finally:
+            subscriber.close()
+    elif consumer == "recv_floor":
+        # The subscriber's receive path with nothing after it: what any consumer pays.
+        sub = _sub(ctx, endpoint, topic)
+        try:
+            if not _await_first(sub, conn):
+                return
+            go = conn.recv()
+            first, last = go["first"], go["first"] + go["n"] - 1
+            t0 = time.monotonic()
+            delivered, previous, in_order, t_last = 0, first - 1, True, None
+            recv, poll, noblock = sub.recv, sub.poll, zmq.NOBLOCK
+            while True:
+                try:
+                    recv(noblock)
+                except zmq.Again:
+                    if not poll(IDLE_TIMEOUT_MS):
+                        break
+                    continue
+                seq = int.from_bytes(recv(noblock), "big")
+                frame = recv(noblock, copy=False)
+                if frame.more:
+                    raise RuntimeError("a message of more than 3 frames")
+                payload = frame.bytes  # noqa: F841  (the copy the subscriber pays)
+                if seq < first:
+                    continue
+                delivered += 1
+                in_order &= seq == previous + 1
+                previous = seq
+                t_last = time.monotonic()
+                if seq >= last:
+                    break
+        finally:
+            sub.close(linger=0)
+    else:
+        import msgspec
+
+        from bench.references import VLLM, load
+
+        # As vLLM's example consumer does: recv_multipart, then a typed decode.
+        decoder = msgspec.msgpack.Decoder(load(VLLM).KVEventBatch)
+        sub = _sub(ctx, endpoint, topic)
+        try:
+            if not _await_first(sub, conn):
+                return
+            go = conn.recv()
+            first, last = go["first"], go["first"] + go["n"] - 1
+            t0 = time.monotonic()
+            delivered, previous, in_order, t_last = 0, first - 1, True, None
+            recv_multipart, poll, decode = sub.recv_multipart, sub.poll, decoder.decode
+            while poll(IDLE_TIMEOUT_MS):
+                _topic, seq_bytes, payload = recv_multipart()
+                seq = int.from_bytes(seq_bytes, "big")
+                if seq < first:
+                    continue
+                decode(payload)
+                delivered += 1
+                in_order &= seq == previous + 1
+                previous = seq
+                t_last = time.monotonic()
+                if seq >= last:
+                    break
+        finally:
+            sub.close(linger=0)
+    elapsed = None if t_last is None else t_last - t0
+    conn.send({"received": delivered, "elapsed": elapsed, "in_order": in_order})
+
+
+def replay(
+    ctx: zmq.Context, conn: Connection, endpoint: str, cases: list[tuple[str, int]], reps: int
+) -> None:
+    """Times replay requests, each from send to the END marker, as a DEALER client."""
+    results: dict[str, list[tuple[float | None, int]]] = {label: [] for label, _ in cases}
+
+    def connect() -> zmq.Socket:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.RCVHWM, 0)
+        dealer.connect(endpoint)
+        return dealer
+
+    dealer = connect()
+    noblock = zmq.NOBLOCK
+    try:
+        for _ in range(reps):
+            for label, start in cases:
+                recv = dealer.recv
+                entries = 0
+                t0 = time.perf_counter()
+                # The empty delimiter makes it the REQ-shaped request every publisher accepts.
+                dealer.send_multipart([b"", start.to_bytes(8, "big")])
+                elapsed = None
+                # Every publisher here replies in the with-topic shape: four frames per entry
+                # and for END. recv() per frame, polling only when nothing is queued, keeps
+                # the client from being what is measured.
+                while True:
+                    try:
+                        recv(noblock)
+                    except zmq.Again:
+                        if not dealer.poll(5000):
+                            break
+                        continue
+                    recv()
+                    seq_frame = recv()
+                    recv()
+                    if seq_frame == END_SEQ:
+                        elapsed = time.perf_counter() - t0
+                        break
+                    entries += 1
+                if elapsed is None:
+                    # Whatever is still in flight must not be read as the next reply.
+                    dealer.close(linger=0)
+                    dealer = connect()
+                results[label].append((elapsed, entries))
+        conn.send({"results": results})
+    finally:
+        dealer.close(linger=0)
+
+
+def serve(conn: Connection) -> None:
+    ctx = zmq.Context()
+    handlers: dict[str, Any] = {"count": count, "deliver": deliver, "replay": replay}
+    try:
+        while True:
+            command = conn.recv()
+            op = command.pop("op")
+            if op == "quit":
+                return
+            try:
+                handlers[op](ctx, conn, **command)
+            except Exception as exc:  # reported to the parent, which prints it
+                conn.send({"error": f"{op}: {type(exc).__name__}: {exc}"})
+    finally:
+        ctx.destroy(linger=0)
+
+
+class Agent:
+    """Handle on the agent process."""
+
+    def __init__(self) -> None:
+        spawn = multiprocessing.get_context("spawn")
+        self.conn, child = spawn.Pipe()
+        self.process = spawn.Process(target=serve, args=(child,), name="bench-agent", daemon=True)
+        self.process.start()
+        child.close()
+
+    def send(self, **command: Any) -> None:
+        self.conn.send(command)
+
+    def poll(self, timeout: float) -> bool:
+        return self.conn.poll(timeout)
+
+    def recv(self, timeout: float = 120.0) -> dict[str, Any]:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"the bench agent did not answer within {timeout} s")
+        reply = self.conn.recv()
+        if "error" in reply:
+            raise RuntimeError(f"bench agent: {reply['error']}")
+        return reply  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        try:
+            self.send(op="quit")
+        except OSError:
+            pass
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)

@@ -1,0 +1,217 @@
+"""Runs every measurement of `nox -s bench` and collects the raw figures.
+
+Repetitions are the outer loop and the publishers the inner one, so a slow patch of this
+noisy machine lands on every publisher alike instead of on one of them.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import zmq
+
+from . import codec, live, replay, rss, shapes
+from .agent import Agent
+from .impls import PAIRS, RAW_SENDERS, Impl, encode_all, load_impls
+from .stats import Figure
+
+TRANSPORTS = ("tcp", "ipc")
+CONSUMERS = ("kvevents", "vllm_example", "recv_floor")
+
+
+@dataclass(frozen=True)
+class Settings:
+    reps: int = 5
+    batches: int = 50_000
+    replay_sizes: tuple[int, ...] = (1_000, 10_000)
+    replay_reps: int = 7
+    decode_rounds: int = 20
+    rss_batches: int = 1_000_000
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(reps=2, batches=5_000, replay_reps=2, decode_rounds=2, rss_batches=50_000)
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _figures(*names_units: tuple[str, str]) -> dict[str, Figure]:
+    return {name: Figure(unit) for name, unit in names_units}
+
+
+def check_same_bytes(impls: dict[str, Impl]) -> None:
+    """Every ratio compares equal work: each pair must put identical bytes on the wire."""
+    for ours, reference in PAIRS:
+        for shape in shapes.SHAPES:
+            mine = encode_all(shapes.batch_pool(shape, impls[ours].structs, 50))
+            theirs = encode_all(shapes.batch_pool(shape, impls[reference].structs, 50))
+            if mine != theirs:
+                raise AssertionError(f"{ours} and {reference} encode shape ({shape}) differently")
+
+
+def measure_live(agent: Agent, impls: dict[str, Impl], settings: Settings) -> dict[str, Any]:
+    n = settings.batches
+    batches = {
+        (key, shape): shapes.cycle(shapes.batch_pool(shape, impl.structs, 1000), n)
+        for key, impl in impls.items()
+        for shape in shapes.SHAPES
+    }
+    raw_payloads = {
+        shape: encode_all(shapes.batch_pool(shape, impls["vllm"].structs, 1000))
+        for shape in shapes.SHAPES
+    }
+    live_rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    delivered_rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    senders = [*RAW_SENDERS, *impls]
+    for rep in range(settings.reps):
+        for shape in shapes.SHAPES:
+            for transport in TRANSPORTS:
+                for sender in senders:
+                    if sender in RAW_SENDERS:
+                        result = live.raw_end_to_end(
+                            agent, transport, raw_payloads[shape], n, unwrapped=sender != "raw"
+                        )
+                    else:
+                        result = live.end_to_end(
+                            agent, impls[sender], transport, batches[sender, shape]
+                        )
+                    row = live_rows.setdefault(
+                        (sender, shape, transport),
+                        {
+                            "figures": _figures(
+                                ("batches_per_s", "batches/s"),
+                                ("events_per_s", "events/s"),
+                                ("publish_wall_us", "µs"),
+                                ("publish_cpu_us", "µs"),
+                                ("thread_cpu_us", "µs"),
+                            ),
+                            "dropped": [],
+                            "in_order": True,
+                        },
+                    )
+                    figures = row["figures"]
+                    for name in (
+                        "batches_per_s",
+                        "publish_wall_us",
+                        "publish_cpu_us",
+                        "thread_cpu_us",
+                    ):
+                        figures[name].add(result.get(name))
+                    if result["batches_per_s"] is not None:
+                        figures["events_per_s"].add(
+                            result["batches_per_s"] * shapes.EVENTS_PER_BATCH[shape]
+                        )
+                    row["dropped"].append(result["dropped"])
+                    row["in_order"] &= result["in_order"]
+                for consumer in CONSUMERS:
+                    result = live.delivered_rate(agent, consumer, transport, raw_payloads[shape], n)
+                    row = delivered_rows.setdefault(
+                        (consumer, shape, transport),
+                        {
+                            "figures": _figures(("batches_per_s", "batches/s")),
+                            "dropped": [],
+                            "in_order": True,
+                        },
+                    )
+                    row["figures"]["batches_per_s"].add(result["batches_per_s"])
+                    row["dropped"].append(result["dropped"])
+                    row["in_order"] &= result["in_order"]
+        _log(f"live: repetition {rep + 1} of {settings.reps} done")
+    return {"live": live_rows, "delivered": delivered_rows}
+
+
+def measure_replay(
+    agent: Agent, impls: dict[str, Impl], settings: Settings
+) -> dict[tuple[str, int, str], dict[str, Any]]:
+    rows: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for size in settings.replay_sizes:
+        for key, impl in impls.items():
+            results = replay.replay_latency(agent, impl, size, settings.replay_reps)
+            for label, runs in results.items():
+                latency = Figure("µs")
+                per_entry = Figure("µs")
+                completed = [(t, entries) for t, entries in runs if t is not None]
+                for t, entries in completed:
+                    latency.add(t * 1e6)
+                    if entries:
+                        per_entry.add(t * 1e6 / entries)
+                rows[key, size, label] = {
+                    "figures": {"latency_us": latency, "per_entry_us": per_entry},
+                    "entries": [entries for _, entries in runs],
+                    "end_missing": len(runs) - len(completed),
+                }
+        _log(f"replay: buffer of {size} done")
+    return rows
+
+
+def measure_codec(impls: dict[str, Impl], settings: Settings) -> dict[str, Any]:
+    decode_rows: dict[tuple[str, str], dict[str, Figure]] = {}
+    encode_rows: dict[str, Figure] = {}
+    for _ in range(settings.reps + 2):
+        for shape in shapes.SHAPES:
+            for _, reference in PAIRS:
+                tolerant, typed = codec.decode_pair(impls[reference], shape, settings.decode_rounds)
+                row = decode_rows.setdefault(
+                    (reference, shape), _figures(("tolerant_us", "µs"), ("typed_us", "µs"))
+                )
+                row["tolerant_us"].add(tolerant)
+                row["typed_us"].add(typed)
+            encode_rows.setdefault(shape, Figure("µs")).add(
+                codec.encode_alone(impls["kvevents-vllm"], shape, settings.decode_rounds)
+            )
+    _log("codec done")
+    return {"decode": decode_rows, "encode": encode_rows}
+
+
+def measure_rss(impls: dict[str, Impl], settings: Settings) -> dict[str, dict[str, Any]]:
+    rows = {}
+    for key in impls:
+        rows[key] = rss.peak_rss(key, settings.rss_batches)
+        _log(f"rss: {key} done ({rows[key]['seconds']:.1f} s)")
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "msgspec": msgspec.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+def run_all(settings: Settings) -> dict[str, Any]:
+    started = time.monotonic()
+    _log("loading the reference publishers from their wheels")
+    impls = load_impls()
+    check_same_bytes(impls)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "settings": settings.__dict__,
+        "impls": {key: impl.label for key, impl in impls.items()},
+    }
+    results["codec"] = measure_codec(impls, settings)
+    agent = Agent()
+    try:
+        # Collections triggered by the setup of one run must not land inside another's timing.
+        gc.collect()
+        results.update(measure_live(agent, impls, settings))
+        results["replay"] = measure_replay(agent, impls, settings)
+    finally:
+        agent.close()
+    results["rss"] = measure_rss(impls, settings)
+    results["seconds"] = time.monotonic() - started
+    return results

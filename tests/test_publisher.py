@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 import threading
 import time
 
@@ -146,15 +147,11 @@ def test_port_in_use_is_a_clear_error(publishers):
 
 
 def wrap_socket_send(monkeypatch, make_wrapper) -> None:
-    """Wrap the PUB socket's send before the publisher thread hoists it into a local."""
-    cls = module("vllm").ZmqEventPublisher
-    original_run = cls._run
-
-    def run(self):
-        self._pub.send = make_wrapper(self._pub.send)
-        original_run(self)
-
-    monkeypatch.setattr(cls, "_run", run)
+    """Wrap the live send the publisher thread hoists into a local (the unwrapped backend
+    send of the PUB socket) before the thread starts."""
+    publisher_module = sys.modules[module("vllm").ZmqEventPublisher.__module__]
+    original = publisher_module.unwrapped_send
+    monkeypatch.setattr(publisher_module, "unwrapped_send", lambda sock: make_wrapper(original(sock)))
 
 
 @pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest", "block"])

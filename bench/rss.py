@@ -4,7 +4,6 @@ publisher so no other measurement's memory is counted."""
 from __future__ import annotations
 
 import multiprocessing
-import resource
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -47,7 +46,7 @@ def _run(key: str, n: int, conn: Connection) -> None:
     conn.send(
         {
             "samples_kib": samples,
-            "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "peak_kib": rss_kib("VmHWM"),
             "seconds": elapsed,
             "dropped": dropped,
         }

@@ -62,10 +62,13 @@ def thread_cpu(thread: threading.Thread) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
-def rss_kib() -> int:
-    """The process's resident set now, in KiB."""
+def rss_kib(field: str = "VmRSS") -> int:
+    """The process's resident set now (VmRSS) or at its peak (VmHWM), in KiB.
+
+    VmHWM, unlike getrusage's ru_maxrss, starts afresh at exec, so a spawned child does not
+    report the peak of the parent it was forked from."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     return 0

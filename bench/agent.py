@@ -74,104 +74,136 @@ def count(ctx: zmq.Context, conn: Connection, endpoint: str, topic: str) -> None
         sub.close(linger=0)
 
 
-def deliver(ctx: zmq.Context, conn: Connection, endpoint: str, topic: str, consumer: str) -> None:
-    """A consumer handing decoded batches to its caller, timed from `go` (sent after the whole
-    backlog) to the last delivery, so the figure is the consumer's own rate."""
-    if consumer == "kvevents":
+CHUNK = 32
+"""Seqs a consumer hands to the timing loop at a time, as `Subscriber.poll` does by default."""
+
+
+class _Consumer:
+    """What the timing loop needs of a consumer: the first warm-up batch, then chunks of
+    delivered seqs (empty once nothing arrived for IDLE_TIMEOUT_MS)."""
+
+    def await_first(self) -> bool:
+        raise NotImplementedError
+
+    def take(self) -> list[int]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _KveventsConsumer(_Consumer):
+    def __init__(self, ctx: zmq.Context, endpoint: str, topic: str) -> None:
         from kvevents import Subscriber
 
-        subscriber = Subscriber(endpoint, None, topic, join="first_seen", idle_probe=None, rcvhwm=0)
-        try:
-            deadline = time.monotonic() + 10
-            while not subscriber.poll(0.05):
-                if time.monotonic() > deadline:
-                    conn.send({"error": "no warm-up batch arrived within 10 s"})
-                    return
-            conn.send({"seen": True})
-            go = conn.recv()
-            first, last = go["first"], go["first"] + go["n"] - 1
-            t0 = time.monotonic()
-            delivered, previous, in_order, t_last = 0, first - 1, True, None
-            poll = subscriber.poll
-            done = False
-            while not done:
-                batches = poll(IDLE_TIMEOUT_MS / 1000)
-                if not batches:
-                    break
-                for seq, _batch in batches:
-                    if seq < first:
-                        continue
-                    delivered += 1
-                    in_order &= seq == previous + 1
-                    previous = seq
-                    if seq >= last:
-                        done = True
-                t_last = time.monotonic()
-        finally:
-            subscriber.close()
-    elif consumer == "recv_floor":
-        # The subscriber's receive path with nothing after it: what any consumer pays.
-        sub = _sub(ctx, endpoint, topic)
-        try:
-            if not _await_first(sub, conn):
-                return
-            go = conn.recv()
-            first, last = go["first"], go["first"] + go["n"] - 1
-            t0 = time.monotonic()
-            delivered, previous, in_order, t_last = 0, first - 1, True, None
-            recv, poll, noblock = sub.recv, sub.poll, zmq.NOBLOCK
-            while True:
-                try:
-                    recv(noblock)
-                except zmq.Again:
-                    if not poll(IDLE_TIMEOUT_MS):
-                        break
-                    continue
-                seq = int.from_bytes(recv(noblock), "big")
-                frame = recv(noblock, copy=False)
-                if frame.more:
-                    raise RuntimeError("a message of more than 3 frames")
-                payload = frame.bytes  # noqa: F841  (the copy the subscriber pays)
-                if seq < first:
-                    continue
-                delivered += 1
-                in_order &= seq == previous + 1
-                previous = seq
-                t_last = time.monotonic()
-                if seq >= last:
-                    break
-        finally:
-            sub.close(linger=0)
-    else:
+        self.subscriber = Subscriber(
+            endpoint, None, topic, join="first_seen", idle_probe=None, rcvhwm=0, context=ctx
+        )
+
+    def await_first(self) -> bool:
+        deadline = time.monotonic() + 10
+        while not self.subscriber.poll(0.05):
+            if time.monotonic() > deadline:
+                return False
+        return True
+
+    def take(self) -> list[int]:
+        return [seq for seq, _batch in self.subscriber.poll(IDLE_TIMEOUT_MS / 1000, CHUNK)]
+
+    def close(self) -> None:
+        self.subscriber.close()
+
+
+class _SocketConsumer(_Consumer):
+    def __init__(self, ctx: zmq.Context, endpoint: str, topic: str) -> None:
+        self.sub = _sub(ctx, endpoint, topic)
+
+    def await_first(self) -> bool:
+        if not self.sub.poll(10_000):
+            return False
+        self.sub.recv_multipart()
+        return True
+
+    def close(self) -> None:
+        self.sub.close(linger=0)
+
+
+class _ExampleConsumer(_SocketConsumer):
+    """As vLLM's example consumer does: poll, recv_multipart, then a typed decode."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, topic: str) -> None:
         import msgspec
 
         from bench.references import VLLM, load
 
-        # As vLLM's example consumer does: recv_multipart, then a typed decode.
-        decoder = msgspec.msgpack.Decoder(load(VLLM).KVEventBatch)
-        sub = _sub(ctx, endpoint, topic)
-        try:
-            if not _await_first(sub, conn):
-                return
-            go = conn.recv()
-            first, last = go["first"], go["first"] + go["n"] - 1
-            t0 = time.monotonic()
-            delivered, previous, in_order, t_last = 0, first - 1, True, None
-            recv_multipart, poll, decode = sub.recv_multipart, sub.poll, decoder.decode
-            while poll(IDLE_TIMEOUT_MS):
-                _topic, seq_bytes, payload = recv_multipart()
-                seq = int.from_bytes(seq_bytes, "big")
+        super().__init__(ctx, endpoint, topic)
+        self.decode = msgspec.msgpack.Decoder(load(VLLM).KVEventBatch).decode
+
+    def take(self) -> list[int]:
+        seqs: list[int] = []
+        poll, recv_multipart, decode = self.sub.poll, self.sub.recv_multipart, self.decode
+        while len(seqs) < CHUNK and poll(0 if seqs else IDLE_TIMEOUT_MS):
+            _topic, seq_bytes, payload = recv_multipart()
+            decode(payload)
+            seqs.append(int.from_bytes(seq_bytes, "big"))
+        return seqs
+
+
+class _ReceiveFloor(_SocketConsumer):
+    """The subscriber's receive path with nothing after it: what any consumer pays."""
+
+    def take(self) -> list[int]:
+        seqs: list[int] = []
+        recv, noblock = self.sub.recv, zmq.NOBLOCK
+        while len(seqs) < CHUNK:
+            try:
+                recv(noblock)
+            except zmq.Again:
+                if seqs or not self.sub.poll(IDLE_TIMEOUT_MS):
+                    break
+                continue
+            seq = int.from_bytes(recv(noblock), "big")
+            frame = recv(noblock, copy=False)
+            if frame.more:
+                raise RuntimeError("a message of more than 3 frames")
+            frame.bytes  # noqa: B018  (the copy the subscriber pays)
+            seqs.append(seq)
+        return seqs
+
+
+CONSUMERS = {
+    "kvevents": _KveventsConsumer,
+    "vllm_example": _ExampleConsumer,
+    "recv_floor": _ReceiveFloor,
+}
+
+
+def deliver(ctx: zmq.Context, conn: Connection, endpoint: str, topic: str, consumer: str) -> None:
+    """A consumer handing decoded batches to its caller, timed from `go` (sent after the whole
+    backlog) to the last delivery, so the figure is the consumer's own rate."""
+    source = CONSUMERS[consumer](ctx, endpoint, topic)
+    try:
+        if not source.await_first():
+            conn.send({"error": "no warm-up batch arrived within 10 s"})
+            return
+        conn.send({"seen": True})
+        go = conn.recv()
+        first, last = go["first"], go["first"] + go["n"] - 1
+        t0 = time.monotonic()
+        delivered, previous, in_order, t_last = 0, first - 1, True, None
+        while previous < last:
+            seqs = source.take()
+            if not seqs:
+                break
+            for seq in seqs:
                 if seq < first:
                     continue
-                decode(payload)
                 delivered += 1
                 in_order &= seq == previous + 1
                 previous = seq
-                t_last = time.monotonic()
-                if seq >= last:
-                    break
-        finally:
-            sub.close(linger=0)
+            t_last = time.monotonic()
+    finally:
+        source.close()
     elapsed = None if t_last is None else t_last - t0
     conn.send({"received": delivered, "elapsed": elapsed, "in_order": in_order})
 

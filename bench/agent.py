@@ -28,52 +28,6 @@ def _sub(ctx: zmq.Context, endpoint: str, topic: str) -> zmq.Socket:
     return sub
 
 
-def _await_first(sub: zmq.Socket, conn: Connection) -> bool:
-    if not sub.poll(10_000):
-        conn.send({"error": "no warm-up batch arrived within 10 s"})
-        return False
-    sub.recv_multipart()
-    conn.send({"seen": True})
-    return True
-
-
-def count(ctx: zmq.Context, conn: Connection, endpoint: str, topic: str) -> None:
-    """The cheapest possible consumer (three `recv()` calls, the seq parsed, nothing decoded):
-    end to end the publisher is the bottleneck, never this."""
-    sub = _sub(ctx, endpoint, topic)
-    try:
-        if not _await_first(sub, conn):
-            return
-        go = conn.recv()
-        first, last = go["first"], go["first"] + go["n"] - 1
-        recv, poll, noblock = sub.recv, sub.poll, zmq.NOBLOCK
-        received = 0
-        in_order = True
-        previous = first - 1
-        t_last = None
-        # Every sender here sends exactly three frames; poll only when the queue is empty.
-        while True:
-            try:
-                recv(noblock)
-            except zmq.Again:
-                if not poll(IDLE_TIMEOUT_MS):
-                    break
-                continue
-            seq = int.from_bytes(recv(), "big")
-            recv()
-            if seq < first:
-                continue
-            received += 1
-            in_order &= seq > previous
-            previous = seq
-            t_last = time.monotonic()
-            if seq >= last:
-                break
-        conn.send({"received": received, "t_last": t_last, "in_order": in_order})
-    finally:
-        sub.close(linger=0)
-
-
 CHUNK = 32
 """Seqs a consumer hands to the timing loop at a time, as `Subscriber.poll` does by default."""
 
@@ -178,17 +132,64 @@ CONSUMERS = {
 }
 
 
+def _handshake(source: _Consumer, conn: Connection) -> tuple[int, int] | None:
+    """Reports the first warm-up batch seen, then returns the (first, last) timed seqs the
+    parent sends back; None (the parent told why) if no warm-up batch arrived."""
+    if not source.await_first():
+        conn.send({"error": "no warm-up batch arrived within 10 s"})
+        return None
+    conn.send({"seen": True})
+    go = conn.recv()
+    return go["first"], go["first"] + go["n"] - 1
+
+
+def count(ctx: zmq.Context, conn: Connection, endpoint: str, topic: str) -> None:
+    """The cheapest possible consumer (three `recv()` calls, the seq parsed, nothing decoded):
+    end to end the publisher is the bottleneck, never this."""
+    source = _SocketConsumer(ctx, endpoint, topic)
+    try:
+        timed = _handshake(source, conn)
+        if timed is None:
+            return
+        first, last = timed
+        sub = source.sub
+        recv, poll, noblock = sub.recv, sub.poll, zmq.NOBLOCK
+        received = 0
+        in_order = True
+        previous = first - 1
+        t_last = None
+        # Every sender here sends exactly three frames; poll only when the queue is empty.
+        while True:
+            try:
+                recv(noblock)
+            except zmq.Again:
+                if not poll(IDLE_TIMEOUT_MS):
+                    break
+                continue
+            seq = int.from_bytes(recv(), "big")
+            recv()
+            if seq < first:
+                continue
+            received += 1
+            in_order &= seq > previous
+            previous = seq
+            t_last = time.monotonic()
+            if seq >= last:
+                break
+        conn.send({"received": received, "t_last": t_last, "in_order": in_order})
+    finally:
+        source.close()
+
+
 def deliver(ctx: zmq.Context, conn: Connection, endpoint: str, topic: str, consumer: str) -> None:
     """A consumer handing decoded batches to its caller, timed from `go` (sent after the whole
     backlog) to the last delivery, so the figure is the consumer's own rate."""
     source = CONSUMERS[consumer](ctx, endpoint, topic)
     try:
-        if not source.await_first():
-            conn.send({"error": "no warm-up batch arrived within 10 s"})
+        timed = _handshake(source, conn)
+        if timed is None:
             return
-        conn.send({"seen": True})
-        go = conn.recv()
-        first, last = go["first"], go["first"] + go["n"] - 1
+        first, last = timed
         t0 = time.monotonic()
         delivered, previous, in_order, t_last = 0, first - 1, True, None
         while previous < last:

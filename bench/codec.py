@@ -7,8 +7,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import kvevents
 import msgspec
+
+import kvevents
 
 from .impls import Impl, encode_all
 from .shapes import batch_pool

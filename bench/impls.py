@@ -20,7 +20,8 @@ from typing import Any
 
 import msgspec
 import zmq
-from kvevents._publisher_core import unwrapped_send
+
+from kvevents_runtime.publisher import unwrapped_send
 
 from . import references
 
@@ -68,8 +69,9 @@ class Impl:
         # SGLang also registers shutdown with atexit, which would then wait 1 s per publisher.
         atexit.unregister(publisher.shutdown)
 
-    @staticmethod
-    def thread(publisher: Any) -> threading.Thread:
+    def thread(self, publisher: Any) -> threading.Thread:
+        if self.ours:
+            return publisher.thread  # type: ignore[no-any-return]
         return publisher._thread  # type: ignore[no-any-return]
 
     def done(self, publisher: Any, total: int) -> bool:
@@ -112,7 +114,7 @@ class RawSender:
         self, endpoint: str, payloads: list[bytes], hwm: int = HWM, unwrapped: bool = False
     ) -> None:
         self.unwrapped = unwrapped
-        self.pub = zmq.Context.instance().socket(zmq.PUB)
+        self.pub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, hwm)
         self.pub.bind(endpoint)

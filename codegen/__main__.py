@@ -7,17 +7,24 @@ import difflib
 import sys
 from pathlib import Path
 
-from .render import PACKAGE, ROOT, render_all
+from .render import DERIVED, PACKAGE, ROOT, render_all
 
 
 def _on_disk() -> set[Path]:
-    root = ROOT / PACKAGE
-    return {p.relative_to(ROOT) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    """Every file under the folders codegen owns: each must be one it renders."""
+    return {
+        p.relative_to(ROOT)
+        for folder in (PACKAGE, DERIVED)
+        for p in (ROOT / folder).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m codegen", description=__doc__)
-    parser.add_argument("--check", action="store_true", help="compare with the checked-in files instead of writing")
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the checked-in files instead of writing"
+    )
     args = parser.parse_args(argv)
     files = render_all()
     if args.check:
@@ -28,15 +35,19 @@ def main(argv: list[str] | None = None) -> int:
             if current != text:
                 drift.extend(
                     difflib.unified_diff(
-                        current.splitlines(keepends=True), text.splitlines(keepends=True),
-                        f"a/{path}", f"b/{path}",
+                        current.splitlines(keepends=True),
+                        text.splitlines(keepends=True),
+                        f"a/{path}",
+                        f"b/{path}",
                     )
                 )
         for stray in sorted(_on_disk() - set(files)):
             drift.append(f"stray file not produced by codegen: {stray}\n")
         if drift:
             sys.stdout.writelines(drift)
-            print("\ngenerated code drifted from schema/ or codegen/: run `nox -s regenerate` (python -m codegen)")
+            print(
+                "\ngenerated code drifted from schema/ or codegen/: run `nox -s regenerate` (python -m codegen)"
+            )
             return 1
         print(f"generated code is up to date ({len(files)} files)")
         return 0

@@ -67,7 +67,11 @@ class EventType:
 
     @property
     def positional_fields(self) -> tuple[Field, ...]:
-        return tuple(sorted((f for f in self.fields if f.position is not None), key=lambda f: f.position or 0))
+        return tuple(
+            sorted(
+                (f for f in self.fields if f.position is not None), key=lambda f: f.position or 0
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,9 @@ def _event_types(schema: dict[str, Any]) -> tuple[EventType, ...]:
                     ),
                 )
             )
-        out.append(EventType(tag=tag, description=spec.get("description", ""), fields=tuple(fields)))
+        out.append(
+            EventType(tag=tag, description=spec.get("description", ""), fields=tuple(fields))
+        )
     return tuple(out)
 
 
@@ -189,7 +195,12 @@ def _dialects(schema: dict[str, Any], events: tuple[EventType, ...]) -> tuple[Di
                         per["position"],
                         DialectField(
                             name=f.name,
-                            py_type=python_type(prop_schema, defs, canonical=False, hash_alias=meta.get("hash_alias")),
+                            py_type=python_type(
+                                prop_schema,
+                                defs,
+                                canonical=False,
+                                hash_alias=meta.get("hash_alias"),
+                            ),
                             has_default=has_default,
                             default=f.default if has_default else None,
                             emit=per["emit"],
@@ -202,8 +213,14 @@ def _dialects(schema: dict[str, Any], events: tuple[EventType, ...]) -> tuple[Di
                 raise ValueError(f"{name}.{event.tag}: positions {positions} are not 1..n")
             names = {df.name for _, df in carried}
             dropped[event.tag] = tuple(f.name for f in event.fields if f.name not in names)
-            excluded = tuple(f.name for f in event.fields if name in f.schema.get("x-hash-excluded", ()))
-            dialect_events.append(DialectEvent(tag=event.tag, fields=tuple(df for _, df in carried), hash_excluded=excluded))
+            excluded = tuple(
+                f.name for f in event.fields if name in f.schema.get("x-hash-excluded", ())
+            )
+            dialect_events.append(
+                DialectEvent(
+                    tag=event.tag, fields=tuple(df for _, df in carried), hash_excluded=excluded
+                )
+            )
         out.append(
             Dialect(
                 name=name,

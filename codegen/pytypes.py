@@ -47,7 +47,12 @@ def python_type(
         return python_type(defs[name], defs, canonical=canonical, hash_alias=hash_alias)
     if "anyOf" in schema:
         members = [m for m in schema["anyOf"] if not _is_null(m)]
-        rendered = [python_type(m, defs, canonical=canonical, hash_alias=hash_alias, alternative=alternative) for m in members]
+        rendered = [
+            python_type(
+                m, defs, canonical=canonical, hash_alias=hash_alias, alternative=alternative
+            )
+            for m in members
+        ]
         if len(members) < len(schema["anyOf"]):
             rendered.append("None")
         return " | ".join(rendered)
@@ -72,10 +77,21 @@ def python_type(
         return "bool"
     if kind == "array":
         if "prefixItems" in schema:
-            parts = [python_type(p, defs, canonical=canonical, hash_alias=hash_alias, alternative=alternative) for p in schema["prefixItems"]]
+            parts = [
+                python_type(
+                    p, defs, canonical=canonical, hash_alias=hash_alias, alternative=alternative
+                )
+                for p in schema["prefixItems"]
+            ]
             return f"tuple[{', '.join(parts)}]"
         items = schema.get("items", {})
-        inner = "Any" if items == {} else python_type(items, defs, canonical=canonical, hash_alias=hash_alias, alternative=alternative)
+        inner = (
+            "Any"
+            if items == {}
+            else python_type(
+                items, defs, canonical=canonical, hash_alias=hash_alias, alternative=alternative
+            )
+        )
         if schema.get("x-python") == "tuple":
             return f"tuple[{inner}, ...]"
         return f"list[{inner}]"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -12,18 +13,33 @@ from typing import Any
 
 import jinja2
 
-from .model import ASYNCAPI, CONFIG_SCHEMA, EVENTS_SCHEMA, SCHEMA_DIR, Model, load_model
+from .model import ASYNCAPI, CONFIG_SCHEMA, EVENTS_SCHEMA, Model, load_model
 from .pytypes import python_type
 from .wire import render_wire_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-STATIC = TEMPLATES / "static"
 PACKAGE = Path("generated/kvevents")
-WIRE_SCHEMA = Path("schema/derived/wire.schema.json")
+DERIVED = Path("schema/derived")
+WIRE_SCHEMA = DERIVED / "wire.schema.json"
+DIALECT_DIR = "__dialect__"
+"""The template folder rendered once per dialect, into generated/kvevents/<dialect>/."""
 
-_FRAME_VALUES = {"empty": 'b""', "any": 'b""', "end_seq": "END_SEQ", "start_seq": "seq_bytes(start)"}
-_REPLY_VALUES = {"empty": 'b""', "topic": "topic", "seq": "entry[1]", "payload": "entry[2]", "end_seq": "END_SEQ"}
+_FRAME_VALUES = {
+    "empty": 'b""',
+    "any": 'b""',
+    "end_seq": "END_SEQ",
+    "start_seq": "seq_bytes(start)",
+}
+_LIVE_VALUES = {"topic": "topic", "seq": "seq_frame", "payload": "payload"}
+_REPLY_VALUES = {
+    "empty": 'b""',
+    "topic": "topic",
+    "seq": "entry[1]",
+    "payload": "entry[2]",
+    "end_seq": "END_SEQ",
+}
+CONFIG_BASE = "kvevents_runtime.config.KVEventsConfigBase"
 
 
 def _snake(name: str) -> str:
@@ -46,6 +62,7 @@ def _environment() -> jinja2.Environment:
     env.filters["snake"] = _snake
     env.filters["frame_value"] = _frame_value
     env.filters["reply_value"] = lambda kind: _REPLY_VALUES[kind]
+    env.filters["live_value"] = lambda kind: _LIVE_VALUES[kind]
     env.filters["pyrepr"] = repr
     return env
 
@@ -53,47 +70,104 @@ def _environment() -> jinja2.Environment:
 def _ruff(source: str, filename: str) -> str:
     """Sort imports and format, as `ruff` pinned in pyproject does it."""
     if importlib.util.find_spec("ruff") is None:
-        raise SystemExit("codegen needs its pinned toolchain: pip install -e '.[codegen]' (or use nox -s regenerate)")
+        raise SystemExit(
+            "codegen needs its pinned toolchain: pip install -e '.[codegen]' (or use nox -s regenerate)"
+        )
     base = [sys.executable, "-m", "ruff"]
     config = ["--config", str(ROOT / "pyproject.toml")]
     fixed = subprocess.run(
-        [*base, "check", *config, "--select", "I,F401", "--fix", "--quiet", "--exit-zero", "--stdin-filename", filename, "-"],
-        input=source, capture_output=True, text=True, check=True,
+        [
+            *base,
+            "check",
+            *config,
+            "--select",
+            "I,F401",
+            "--fix",
+            "--quiet",
+            "--exit-zero",
+            "--stdin-filename",
+            filename,
+            "-",
+        ],
+        input=source,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return subprocess.run(
         [*base, "format", *config, "--quiet", "--stdin-filename", filename, "-"],
-        input=fixed, capture_output=True, text=True, check=True,
+        input=fixed,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
 
 
-def _config_model() -> str:
-    """The union pydantic model, rendered by datamodel-code-generator."""
+def derive_config_schema(schema: dict[str, Any], dialect: str) -> dict[str, Any]:
+    """The config schema as `dialect`'s producer reads it: its fields with its defaults,
+    plus kvevents' own options (fields listed for no producer)."""
+    properties = {}
+    for name, prop in schema["properties"].items():
+        carried_by = prop.get("x-dialects", [])
+        if carried_by and dialect not in carried_by:
+            continue
+        prop = {k: v for k, v in prop.items() if not k.startswith("x-")}
+        defaults = schema["properties"][name].get("x-dialect-defaults", {})
+        if dialect in defaults:
+            prop["default"] = defaults[dialect]
+        properties[name] = prop
+    derived = {k: v for k, v in schema.items() if not k.startswith("x-") and k != "properties"}
+    derived["$id"] = f"{schema['$id']}:{dialect}"
+    derived["description"] = (
+        f"KVEventsConfig as {dialect} reads it, with kvevents' options. Derived from {CONFIG_SCHEMA} by `python -m codegen`; do not edit."
+    )
+    derived["properties"] = properties
+    return derived
+
+
+def _config_model(schema_file: Path) -> str:
+    """The pydantic model of one derived config schema, rendered by datamodel-code-generator."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "config.py"
         subprocess.run(
             [
-                sys.executable, "-m", "datamodel_code_generator",
-                "--input", str(SCHEMA_DIR / CONFIG_SCHEMA),
-                "--input-file-type", "jsonschema",
-                "--output", str(out),
-                "--output-model-type", "pydantic_v2.BaseModel",
-                "--target-python-version", "3.11",
+                sys.executable,
+                "-m",
+                "datamodel_code_generator",
+                "--input",
+                str(schema_file),
+                "--input-file-type",
+                "jsonschema",
+                "--output",
+                str(out),
+                "--output-model-type",
+                "pydantic_v2.BaseModel",
+                "--target-python-version",
+                "3.11",
                 "--disable-timestamp",
                 "--use-annotated",
                 "--use-standard-collections",
                 "--use-union-operator",
-                "--use-schema-description",
                 "--use-field-description",
                 "--use-default",
                 "--strict-nullable",
-                "--enum-field-as-literal", "all",
-                "--class-name", "KVEventsConfig",
+                "--enum-field-as-literal",
+                "all",
+                "--class-name",
+                "KVEventsConfig",
+                "--base-class",
+                CONFIG_BASE,
             ],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         body = out.read_text(encoding="utf-8")
-    body = "\n".join(line for line in body.splitlines() if not line.startswith("#"))
-    return body
+    return "\n".join(line for line in body.splitlines() if not line.startswith("#"))
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2) + "\n"
 
 
 def render_all(model: Model | None = None) -> dict[Path, str]:
@@ -102,16 +176,22 @@ def render_all(model: Model | None = None) -> dict[Path, str]:
     env = _environment()
     files: dict[Path, str] = {}
 
-    def header(*sources: str) -> dict[str, Any]:
-        return {"sources": list(sources)}
-
     def emit(path: Path, template: str, sources: tuple[str, ...], **context: Any) -> None:
-        text = env.get_template(template).render(**header(*sources), **context)
+        text = env.get_template(template).render(sources=list(sources), **context)
         files[path] = _ruff(text, path.name)
 
+    events_src = f"schema/{EVENTS_SCHEMA}"
+    asyncapi_src = f"schema/{ASYNCAPI}"
+
+    def package(name: str, source: str | None, **context: Any) -> None:
+        template = f"kvevents/{name}.j2"
+        sources = (source,) if source else ()
+        emit(PACKAGE / name, template, (*sources, f"codegen/templates/{template}"), **context)
+
     defs = model.events_schema["$defs"]
-    emit(
-        PACKAGE / "events.py", "events.py.j2", (f"schema/{EVENTS_SCHEMA}", "codegen/templates/events.py.j2"),
+    package(
+        "events.py",
+        events_src,
         events=model.events,
         block_hash_type=python_type(defs["BlockHash"], defs, canonical=True),
         block_hash_doc=defs["BlockHash"]["description"],
@@ -120,47 +200,79 @@ def render_all(model: Model | None = None) -> dict[Path, str]:
         token_type=python_type(defs["Token"], defs, canonical=True),
         token_doc=defs["Token"]["description"],
     )
-    emit(PACKAGE / "codec.py", "codec.py.j2", (f"schema/{EVENTS_SCHEMA}", "codegen/templates/codec.py.j2"),
-         events=model.events, dialects=model.dialects)
-    emit(PACKAGE / "frames.py", "frames.py.j2", (f"schema/{ASYNCAPI}", "codegen/templates/frames.py.j2"),
-         constants=model.constants, messages=model.messages)
+    package("codec.py", events_src, events=model.events, dialects=model.dialects)
+    package("frames.py", asyncapi_src, constants=model.constants, messages=model.messages)
     shapes = []
     for shape in ("with_topic", "without_topic"):
-        reply = next(m for m in model.messages.values() if m.shape == shape and "payload" in [f.kind for f in m.frames])
+        reply = next(
+            m
+            for m in model.messages.values()
+            if m.shape == shape and "payload" in [f.kind for f in m.frames]
+        )
         end = next(m for m in model.messages.values() if m.shape == shape and m is not reply)
         shapes.append((shape, reply, end))
-    emit(PACKAGE / "replay.py", "replay.py.j2", (f"schema/{ASYNCAPI}", "codegen/templates/replay.py.j2"), shapes=shapes)
-    emit(PACKAGE / "__init__.py", "package_init.py.j2", (f"schema/{EVENTS_SCHEMA}", "codegen/templates/package_init.py.j2"),
-         events=model.events, dialects=model.dialects)
+    package(
+        "loops.py",
+        asyncapi_src,
+        live_frames=model.messages["LiveBatch"].frames,
+        shapes=shapes,
+        seq_size=model.constants["SEQ_SIZE"]["value"],
+    )
+    package("wire.py", asyncapi_src, dialects=model.dialects)
+    package("__init__.py", events_src, events=model.events, dialects=model.dialects)
+    package("__main__.py", None)
 
-    publisher_args = ("endpoint", "replay_endpoint", "buffer_steps", "hwm", "max_queue_size", "topic")
+    publisher_args = (
+        "endpoint",
+        "replay_endpoint",
+        "buffer_steps",
+        "hwm",
+        "max_queue_size",
+        "topic",
+    )
     extension_args = tuple(f.name for f in model.config_fields if not f.dialects)
     for d in model.dialects:
         p = model.events_schema["x-dialects"][d.name]["publisher"]
         pkg = PACKAGE / d.name
-        defs_alias = python_type(defs["ExternalBlockHash"], defs, canonical=False)
+
+        def dialect_file(name: str, source: str, **context: Any) -> None:
+            template = f"kvevents/{DIALECT_DIR}/{name}.j2"
+            emit(pkg / name, template, (source, f"codegen/templates/{template}"), d=d, **context)  # noqa: B023
+
         upstream = d.module.removesuffix(".py").replace("/", ".")
-        emit(pkg / "structs.py", "dialect_structs.py.j2", (f"schema/{EVENTS_SCHEMA}", "codegen/templates/dialect_structs.py.j2"),
-             d=d, hash_alias_type=defs_alias)
+        dialect_file(
+            "structs.py",
+            events_src,
+            hash_alias_type=python_type(defs["ExternalBlockHash"], defs, canonical=False),
+        )
         args = publisher_args + (("bind",) if p["bind_arg"] else ())
-        emit(pkg / "publisher.py", "dialect_publisher.py.j2", (f"schema/{EVENTS_SCHEMA}", "codegen/templates/dialect_publisher.py.j2"),
-             d=d, p=p, publisher_args=args, extension_args=extension_args + (() if p["bind_arg"] else ("bind",)))
-        fields = [f for f in model.config_fields if d.name in f.dialects or not f.dialects]
-        emit(pkg / "config.py", "dialect_config.py.j2", (f"schema/{CONFIG_SCHEMA}", "codegen/templates/dialect_config.py.j2"),
-             d=d, p=p, fields=fields, uses_literal=any("Literal[" in f.py_type for f in fields))
-        emit(pkg / "__init__.py", "dialect_init.py.j2", (f"schema/{EVENTS_SCHEMA}", "codegen/templates/dialect_init.py.j2"),
-             d=d, upstream_import=upstream)
+        dialect_file(
+            "publisher.py",
+            events_src,
+            p=p,
+            publisher_args=args,
+            extension_args=extension_args + (() if p["bind_arg"] else ("bind",)),
+        )
+        config_schema = DERIVED / f"config.{d.name}.schema.json"
+        files[config_schema] = _json(derive_config_schema(model.config_schema, d.name))
+        with tempfile.TemporaryDirectory() as tmp:
+            schema_file = Path(tmp) / config_schema.name
+            schema_file.write_text(files[config_schema], encoding="utf-8")
+            config_model = _config_model(schema_file)
+        template = f"kvevents/{DIALECT_DIR}/config.py.j2"
+        emit(
+            pkg / "config.py",
+            template,
+            (
+                f"schema/{CONFIG_SCHEMA}",
+                f"codegen/templates/{template}",
+                "datamodel-code-generator",
+            ),
+            d=d,
+            model=config_model,
+        )
+        dialect_file("__init__.py", events_src, upstream_import=upstream)
 
-    config_header = env.get_template("_header.j2").render(sources=[f"schema/{CONFIG_SCHEMA}", "datamodel-code-generator"])
-    files[PACKAGE / "config.py"] = _ruff(
-        config_header + '"""The union of every producer\'s KVEventsConfig and kvevents\' options."""\n' + _config_model(),
-        "config.py",
-    )
-
-    for static in sorted(STATIC.glob("*.py")):
-        rel = f"codegen/templates/static/{static.name}"
-        text = env.get_template("_header.j2").render(sources=[rel]) + static.read_text(encoding="utf-8")
-        files[PACKAGE / static.name] = _ruff(text, static.name)
     files[PACKAGE / "py.typed"] = ""
     files[WIRE_SCHEMA] = render_wire_schema(model)
     return dict(sorted(files.items()))

@@ -13,7 +13,11 @@ SHARED_DEFS = ("Bytes", "ExternalBlockHash", "BlockHash", "TokenId", "Token")
 
 
 def _value_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    keep = {k: v for k, v in schema.items() if not k.startswith("x-") and k not in ("description", "default")}
+    keep = {
+        k: v
+        for k, v in schema.items()
+        if not k.startswith("x-") and k not in ("description", "default")
+    }
     return copy.deepcopy(keep)
 
 
@@ -29,7 +33,9 @@ def derive_wire_schema(model: Model) -> dict[str, Any]:
             field_schemas = []
             for df in de.fields:
                 per = props[df.name]["x-dialects"][d.name]
-                field_schemas.append((df, _value_schema(per.get("wire", per.get("schema", props[df.name])))))
+                field_schemas.append(
+                    (df, _value_schema(per.get("wire", per.get("schema", props[df.name]))))
+                )
             if d.is_positional:
                 body: dict[str, Any] = {
                     "type": "array",
@@ -40,8 +46,12 @@ def derive_wire_schema(model: Model) -> dict[str, Any]:
             else:
                 body = {
                     "type": "object",
-                    "properties": {"type": {"const": de.tag}, **{df.name: s for df, s in field_schemas}},
-                    "required": ["type"] + [df.name for df, _ in field_schemas if df.emit == "always"],
+                    "properties": {
+                        "type": {"const": de.tag},
+                        **{df.name: s for df, s in field_schemas},
+                    },
+                    "required": ["type"]
+                    + [df.name for df, _ in field_schemas if df.emit == "always"],
                     "additionalProperties": False,
                     "x-key-order": ["type"] + [df.name for df, _ in field_schemas],
                 }

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import zmq
 
-ROOT = Path(__file__).resolve().parent.parent
-GOLDENS = Path(__file__).resolve().parent / "goldens"
-
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--update-goldens", action="store_true", help="rewrite tests/goldens/ from the current code")
+    parser.addoption(
+        "--update-goldens", action="store_true", help="rewrite tests/goldens/ from the current code"
+    )
 
 
 @pytest.fixture
@@ -62,16 +59,3 @@ def ipc_endpoint() -> Iterator[str]:
     for name in os.listdir(directory):
         os.unlink(os.path.join(directory, name))
     os.rmdir(directory)
-
-
-def inproc_endpoint() -> str:
-    return f"inproc://kvevents-{uuid.uuid4().hex}"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.005) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

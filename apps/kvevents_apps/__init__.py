@@ -1,0 +1,1 @@
+"""Applications built on the public `kvevents` API: the `kvevents` command and its demo."""

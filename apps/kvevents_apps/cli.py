@@ -1,0 +1,152 @@
+"""The `kvevents` command: `tap` prints any engine's stream as JSON lines, `demo` runs the
+whole plane on loopback and shows a gap and a restart repaired."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Literal
+
+import msgspec
+
+from kvevents import DROPPED_FIELDS, KVEventsError, Notice, Subscriber
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"$bytes": value.hex()}
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+# Fields only vLLM writes, from the schema: what vLLM carries and SGLang cannot.
+_VLLM_ONLY = frozenset(DROPPED_FIELDS["sglang"]["BlockStored"]) - frozenset(
+    DROPPED_FIELDS["vllm"]["BlockStored"]
+)
+
+
+def sniff_dialect(payload: bytes) -> str:
+    """Which producer wrote `payload`, from its framing: tagged arrays are legacy; vLLM always
+    writes `medium` and `lora_name` (nil included), SGLang leaves nil optionals out. A batch
+    of AllBlocksCleared alone is "any"."""
+    try:
+        events = msgspec.msgpack.decode(payload)[1]
+    except (
+        msgspec.DecodeError,
+        IndexError,
+        TypeError,
+        KeyError,
+        RecursionError,
+        UnicodeDecodeError,
+    ):
+        return "unknown"
+    for event in events if isinstance(events, list) else ():
+        if isinstance(event, list):
+            return "legacy"
+        if not isinstance(event, dict) or event.get("type") == "AllBlocksCleared":
+            continue
+        if "cache_salt" in event:
+            return "sglang"
+        if _VLLM_ONLY.intersection(event):
+            return "vllm"
+        required = ("medium", "lora_name") if event.get("type") == "BlockStored" else ("medium",)
+        return "vllm" if all(key in event for key in required) else "sglang"
+    return "any"
+
+
+def _stderr_notice(notice: Notice) -> None:
+    print(f"kvevents: {notice}", file=sys.stderr, flush=True)
+
+
+def tap(args: argparse.Namespace) -> int:
+    """Print every event as one JSON line; notices go to stderr."""
+    encoder = msgspec.json.Encoder(enc_hook=_json_default)
+    write = sys.stdout.buffer.write
+    join: Literal["start", "first_seen"] = "start" if args.from_start else "first_seen"
+    with Subscriber(
+        args.endpoint, args.replay, args.topic, join=join, on_notice=_stderr_notice
+    ) as sub:
+        started = time.monotonic()
+        seen = 0
+        while True:
+            deliveries = sub.poll(0.5)
+            for delivery in deliveries:
+                seq, batch = delivery
+                dialect = sniff_dialect(delivery.payload)
+                for event in batch.events:
+                    line = {
+                        "seq": seq,
+                        "dp_rank": batch.dp_rank,
+                        "dialect": dialect,
+                        "ts": batch.ts,
+                        "source": delivery.source,
+                        "epoch": delivery.epoch,
+                        "event": event,
+                    }
+                    write(encoder.encode(line) + b"\n")
+                seen += 1
+            if deliveries:
+                sys.stdout.flush()
+            if args.count and seen >= args.count:
+                return 0
+            if not seen and args.timeout and time.monotonic() - started > args.timeout:
+                print(
+                    f"kvevents: nothing received from {args.endpoint} in {args.timeout:g}s "
+                    "(is a publisher running there?)",
+                    file=sys.stderr,
+                )
+                return 1
+
+
+def demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(batches=args.batches, dialect=args.dialect, port=args.port, quiet=args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvevents", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p_tap = commands.add_parser("tap", help="print every event of a stream as one JSON line")
+    p_tap.add_argument("endpoint", help="live PUB endpoint, e.g. tcp://127.0.0.1:5557")
+    p_tap.add_argument(
+        "--replay", metavar="EP", help="replay ROUTER endpoint, e.g. tcp://127.0.0.1:5558"
+    )
+    p_tap.add_argument("--topic", default="", help="topic prefix to subscribe to")
+    p_tap.add_argument(
+        "--from-start", action="store_true", help="replay the publisher's buffer on joining"
+    )
+    p_tap.add_argument("--count", type=int, default=0, help="exit after this many batches")
+    p_tap.add_argument(
+        "--timeout",
+        type=float,
+        default=0.0,
+        help="exit 1 if nothing arrives within this many seconds",
+    )
+    p_tap.set_defaults(func=tap)
+    p_demo = commands.add_parser("demo", help="publish and repair a synthetic stream on loopback")
+    p_demo.add_argument(
+        "--batches", type=int, default=20_000, help="batches to publish (default 20000)"
+    )
+    p_demo.add_argument("--dialect", choices=("vllm", "sglang", "legacy"), default="vllm")
+    p_demo.add_argument(
+        "--port", type=int, default=0, help="live port (replay uses port+1); 0 picks free ports"
+    )
+    p_demo.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_demo.set_defaults(func=demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KVEventsError as exc:
+        print(f"kvevents: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""What the generated package hands the runtime: every piece whose shape the schema decides.
+
+The runtime owns sockets, threads, queues, sessions and sequencing; it never builds or
+parses a frame itself. A `Wire` carries the frame codecs rendered from the AsyncAPI
+document, the publisher's chunk senders rendered once per frame layout, and the decoder
+rendered from the event schema.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+Frames = Sequence[bytes]
+RingEntry = tuple[int, bytes, bytes]
+"""`(seq, seq frame, payload)` as the live sender buffers it for replay."""
+
+
+class ReplayReply(Protocol):
+    """One replay reply as a DEALER receives it."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def payload(self) -> bytes: ...
+
+    @property
+    def is_end(self) -> bool: ...
+
+
+class LiveChunkSender(Protocol):
+    """Sends up to `budget` queued batches as live messages; returns `(next seq, taken, sent)`."""
+
+    def __call__(
+        self,
+        take: Callable[[], Any],
+        send: Callable[..., Any],
+        topic: bytes,
+        encode: Callable[[Any], bytes],
+        ring: list[RingEntry | None],
+        capacity: int,
+        seq: int,
+        budget: int,
+        on_encode_failure: Callable[[Any, BaseException], None],
+        on_send_failure: Callable[[int, BaseException], None],
+    ) -> tuple[int, int, int]: ...
+
+
+class ReplayChunkSender(Protocol):
+    """Sends up to `budget` buffered entries across the open replay sessions, round-robin;
+    returns `(entries sent, sessions ended because their peer was gone)`."""
+
+    def __call__(
+        self,
+        sessions: deque[list[Any]],
+        ring: list[RingEntry | None],
+        capacity: int,
+        oldest: int,
+        send: Callable[..., Any],
+        topic: bytes,
+        budget: int,
+    ) -> tuple[int, int]: ...
+
+
+@dataclass(frozen=True)
+class Wire:
+    """The schema-bound pieces of one wire protocol, as the generated package renders them."""
+
+    parse_seq: Callable[[bytes], int]
+    """A live seq frame to its int; raises the runtime's FrameError when malformed."""
+    pack_replay_request: Callable[[int], tuple[bytes, ...]]
+    parse_replay_request: Callable[[Frames], tuple[bytes, int]]
+    """`(identity, start)` of a request as the ROUTER receives it; raises FrameError."""
+    parse_replay_reply: Callable[[Frames], ReplayReply]
+    send_live_chunk: LiveChunkSender
+    replay_senders: Mapping[bool, ReplayChunkSender]
+    """The replay chunk sender by reply shape: True sends the topic frame, False does not."""
+    new_encoder: Callable[[], Callable[[Any], bytes]]
+    """A fresh payload encoder for one publisher thread."""
+    decode: Callable[[bytes], Any]
+    """A payload to a batch with an `errors` sequence; raises the runtime's DecodeError."""

@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--out DIR]`: the side-by-side benchmark (`nox -s bench`).
+"""`python -m bench [--quick] [--out DIR] [--baseline OLD.json]`: the side-by-side benchmark
+(`nox -s bench`).
 
 Writes DIR/results.md (also printed), DIR/results.json and DIR/ratios.png. The exit status
 is 0 whether or not the targets are met: they are figures of the run, not assertions.
@@ -7,10 +8,11 @@ is 0 whether or not the targets are met: they are figures of the run, not assert
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from . import report
+from . import baseline, report
 from .references import ReferenceUnavailable
 from .run import Settings, run_all
 
@@ -28,7 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("bench/results"),
         help="where the report goes (default: bench/results)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="an earlier results.json: append a before/after table of every kvevents row",
+    )
     args = parser.parse_args(argv)
+    # Read first: the baseline may be the report this run overwrites.
+    base = json.loads(args.baseline.read_text(encoding="utf-8")) if args.baseline else None
     settings = Settings.quick() if args.quick else Settings()
     try:
         results = run_all(settings)
@@ -38,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     verdict = report.targets(results)
     command = "nox -s bench" + (" -- --quick" if args.quick else "")
     text = report.markdown(results, verdict, command)
+    if base is not None:
+        current = json.loads(report.to_json(results, verdict))
+        text += "\n\n" + baseline.section(base, current, str(args.baseline))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n", encoding="utf-8")
     (args.out / "results.json").write_text(

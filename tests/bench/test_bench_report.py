@@ -167,3 +167,21 @@ def test_markdown_json_and_chart_carry_every_target(tmp_path):
     pytest.importorskip("matplotlib")
     report.chart(verdict, tmp_path / "ratios.png")
     assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _as_json(speedup: float) -> dict:
+    results = synthetic(speedup)
+    return json.loads(report.to_json(results, report.targets(results)))
+
+
+def test_the_baseline_table_flags_a_row_only_when_the_advantage_falls():
+    from bench import baseline
+
+    steady, regressed = baseline.compare(_as_json(8.0), _as_json(8.0))
+    assert regressed == [] and "end to end batches/s, (a) tcp, kvevents-vllm" in steady
+    _, regressed = baseline.compare(_as_json(8.0), _as_json(6.0))
+    assert regressed and all(
+        "kvevents" in row or "subscriber" in row or "replay" in row for row in regressed
+    )
+    _, improved = baseline.compare(_as_json(6.0), _as_json(8.0))
+    assert improved == []

@@ -71,11 +71,44 @@ def _stub(name: str, **attributes: Any) -> types.ModuleType:
     return module
 
 
-class _VllmKVEventsConfig:
-    """Stands in for vLLM's config dataclass: the publisher only stores it."""
+def _vllm_config() -> types.ModuleType:
+    """vLLM's own `vllm/config/kv_events.py`, its `@config` decorator stubbed as what it is
+    in vLLM: a pydantic dataclass with extra fields forbidden."""
+    from pydantic import ConfigDict
+    from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
+    def config(cls: Any = None, **kwargs: Any) -> Any:
+        def decorate(target: Any) -> Any:
+            return pydantic_dataclass(target, config=ConfigDict(extra="forbid"))
+
+        return decorate if cls is None else decorate(cls)
+
+    return _exec(
+        _read(VLLM, "vllm/config/kv_events.py"),
+        "vllm/config/kv_events.py",
+        "vllm.config.kv_events",
+        {"vllm.config.utils": _stub("vllm.config.utils", config=config)},
+    )
+
+
+def _exec(
+    source: str, path: str, name: str, stubs: dict[str, types.ModuleType]
+) -> types.ModuleType:
+    """Executes `source` as module `name` with `stubs` in sys.modules only meanwhile."""
+    saved = {key: sys.modules.get(key) for key in stubs}
+    sys.modules.update(stubs)
+    try:
+        module = types.ModuleType(name)
+        # msgspec and pydantic resolve annotations through the module's entry in sys.modules.
+        sys.modules[name] = module
+        exec(compile(source, path, "exec"), module.__dict__)
+    finally:
+        for key, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = previous
+    return module
 
 
 def _vllm_stubs() -> dict[str, types.ModuleType]:
@@ -96,7 +129,7 @@ def _vllm_stubs() -> dict[str, types.ModuleType]:
     return {
         "vllm": _stub("vllm"),
         "vllm.config": _stub("vllm.config"),
-        "vllm.config.kv_events": _stub("vllm.config.kv_events", KVEventsConfig=_VllmKVEventsConfig),
+        "vllm.config.kv_events": _vllm_config(),
         "vllm.logger": _stub("vllm.logger", init_logger=logging.getLogger),
         "vllm.utils": _stub("vllm.utils"),
         "vllm.utils.network_utils": _stub(
@@ -114,15 +147,30 @@ def _vllm_stubs() -> dict[str, types.ModuleType]:
     }
 
 
+class _Parallel:
+    """Stands in for SGLang's parallel state: the ranks `is_kv_publisher_rank` reads."""
+
+    pp_rank = 0
+    attn_tp_rank = 0
+    attn_cp_rank = 0
+
+
+def _sglang_network() -> types.ModuleType:
+    """SGLang's own `sglang/srt/utils/network.py` (its NetworkAddress parser), executed from
+    the wheel with `psutil`, which only its port helpers use, stubbed."""
+    path = "sglang/srt/utils/network.py"
+    return _exec(_read(SGLANG, path), path, "reference_sglang_network", {"psutil": _stub("psutil")})
+
+
 def _sglang_stubs() -> dict[str, types.ModuleType]:
     return {
         "sglang": _stub("sglang"),
         "sglang.srt": _stub("sglang.srt"),
         "sglang.srt.runtime_context": _stub(
-            "sglang.srt.runtime_context", get_parallel=lambda: None
+            "sglang.srt.runtime_context", get_parallel=lambda: _Parallel()
         ),
         "sglang.srt.utils": _stub("sglang.srt.utils"),
-        "sglang.srt.utils.network": _stub("sglang.srt.utils.network", NetworkAddress=object),
+        "sglang.srt.utils.network": _sglang_network(),
     }
 
 
@@ -130,31 +178,92 @@ _STUBS = {VLLM: _vllm_stubs, SGLANG: _sglang_stubs}
 _loaded: dict[Reference, types.ModuleType] = {}
 
 
+def _read(reference: Reference, path: str) -> str:
+    wheel = fetch_wheel(reference)
+    try:
+        return zipfile.ZipFile(wheel).read(path).decode("utf-8")
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise ReferenceUnavailable(f"{wheel.name}: {exc}") from None
+
+
 def load(reference: Reference) -> types.ModuleType:
     """The producer's kv_events module, executed from its wheel with its imports stubbed.
 
     The stubs are in `sys.modules` only while the module executes, so they never shadow a
     real installation."""
-    if reference in _loaded:
-        return _loaded[reference]
-    wheel = fetch_wheel(reference)
-    try:
-        source = zipfile.ZipFile(wheel).read(reference.module_path).decode("utf-8")
-    except (KeyError, zipfile.BadZipFile) as exc:
-        raise ReferenceUnavailable(f"{wheel.name}: {exc}") from None
-    stubs = _STUBS[reference]()
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
-    try:
-        module = types.ModuleType(f"reference_{reference.requirement.split('==')[0]}_kv_events")
-        # msgspec resolves the structs' annotations through the module's globals.
-        sys.modules[module.__name__] = module
-        exec(compile(source, reference.module_path, "exec"), module.__dict__)
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = previous
-    _loaded[reference] = module
+    if reference not in _loaded:
+        stubs = _STUBS[reference]()
+        name = f"reference_{reference.requirement.split('==')[0]}_kv_events"
+        module = _exec(_read(reference, reference.module_path), reference.module_path, name, stubs)
+        module.__dict__["_reference_stubs"] = stubs
+        _loaded[reference] = module
+    return _loaded[reference]
+
+
+def install(reference: Reference) -> types.ModuleType:
+    """Makes the producer's own import paths resolve to its loaded module (and the stubs it
+    was loaded with), for running the producer's tests against it unchanged. For a process
+    of its own: the entries stay in sys.modules."""
+    module = load(reference)
+    entries = dict(module.__dict__["_reference_stubs"])
+    dotted = reference.module_path.removesuffix(".py").replace("/", ".")
+    entries[dotted] = module
+    parts = dotted.split(".")
+    for depth in range(1, len(parts)):
+        entries.setdefault(".".join(parts[:depth]), _stub(".".join(parts[:depth])))
+    for key, value in sorted(entries.items()):
+        sys.modules[key] = value
+        parent, _, leaf = key.rpartition(".")
+        if parent in entries:
+            setattr(entries[parent], leaf, value)
     return module
+
+
+def fetch_sdist(reference: Reference) -> Path:
+    """The producer's source distribution (its tests and examples are there, not in the
+    wheel), cached in .cache/sdists. Found through pip's own index configuration with pip's
+    finder, because `pip download` would build the sdist's metadata (vLLM's needs torch)."""
+    project, version = reference.requirement.split("==")
+    cache = CACHE.parent / "sdists"
+    found = sorted(cache.glob(f"{project}-{version}.tar.gz"))
+    if found:
+        return found[0]
+    try:
+        from pip._internal.configuration import Configuration
+        from pip._internal.index.collector import LinkCollector
+        from pip._internal.index.package_finder import PackageFinder
+        from pip._internal.models.index import PyPI
+        from pip._internal.models.search_scope import SearchScope
+        from pip._internal.models.selection_prefs import SelectionPreferences
+        from pip._internal.network.session import PipSession
+
+        configuration = Configuration(isolated=False)
+        configuration.load()
+        index = dict(configuration.items()).get("global.index-url") or PyPI.simple_url
+        session = PipSession()
+        scope = SearchScope.create(find_links=[], index_urls=[str(index)], no_index=False)
+        finder = PackageFinder.create(
+            link_collector=LinkCollector(session=session, search_scope=scope),
+            selection_prefs=SelectionPreferences(allow_yanked=False),
+        )
+        links = [
+            c.link
+            for c in finder.find_all_candidates(project)
+            if str(c.version) == version and c.link.filename.endswith(".tar.gz")
+        ]
+        if not links:
+            raise ReferenceUnavailable(
+                f"no source distribution of {reference.requirement} on the index"
+            )
+        response = session.get(links[0].url_without_fragment, timeout=300)
+        response.raise_for_status()
+    except ReferenceUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pip's internals or the network: say which and skip
+        raise ReferenceUnavailable(
+            f"{reference.requirement} sdist: {type(exc).__name__}: {exc}"
+        ) from None
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / links[0].filename
+    target.write_bytes(response.content)
+    return target

@@ -96,6 +96,8 @@ class Dialect:
     hash_alias: str | None
     medium_enum: dict[str, Any] | None
     events: tuple[DialectEvent, ...]
+    module_exports: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Names the producer's module exports beyond the wire, by the runtime module that has them."""
     dropped: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
@@ -237,9 +239,17 @@ def _dialects(schema: dict[str, Any], events: tuple[EventType, ...]) -> tuple[Di
                 medium_enum=meta.get("medium_enum"),
                 events=tuple(dialect_events),
                 dropped=dropped,
+                module_exports=_by_module(meta.get("module_exports", {})),
             )
         )
     return tuple(out)
+
+
+def _by_module(exports: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    grouped: dict[str, list[str]] = {}
+    for name, module in sorted(exports.items()):
+        grouped.setdefault(module, []).append(name)
+    return {module: tuple(names) for module, names in sorted(grouped.items())}
 
 
 def _config_fields(schema: dict[str, Any]) -> tuple[ConfigField, ...]:

@@ -39,7 +39,6 @@ _REPLY_VALUES = {
     "payload": "entry[2]",
     "end_seq": "END_SEQ",
 }
-CONFIG_BASE = "kvevents_runtime.config.KVEventsConfigBase"
 
 
 def _snake(name: str) -> str:
@@ -104,29 +103,43 @@ def _ruff(source: str, filename: str) -> str:
 
 
 def derive_config_schema(schema: dict[str, Any], dialect: str) -> dict[str, Any]:
-    """The config schema as `dialect`'s producer reads it: its fields with its defaults,
-    plus kvevents' own options (fields listed for no producer)."""
+    """The config schema as `dialect`'s producer reads it: its fields with its defaults and
+    value schemas, plus kvevents' own options (fields listed for no producer), and unknown
+    keys forbidden or ignored as the producer does."""
     properties = {}
     for name, prop in schema["properties"].items():
         carried_by = prop.get("x-dialects", [])
         if carried_by and dialect not in carried_by:
             continue
-        prop = {k: v for k, v in prop.items() if not k.startswith("x-")}
-        defaults = schema["properties"][name].get("x-dialect-defaults", {})
+        derived_prop = {k: v for k, v in prop.items() if not k.startswith("x-")}
+        override = prop.get("x-dialect-schemas", {}).get(dialect)
+        if override is not None:
+            derived_prop = {
+                k: v for k, v in derived_prop.items() if k in ("default", "description")
+            } | override
+        defaults = prop.get("x-dialect-defaults", {})
         if dialect in defaults:
-            prop["default"] = defaults[dialect]
-        properties[name] = prop
-    derived = {k: v for k, v in schema.items() if not k.startswith("x-") and k != "properties"}
+            derived_prop["default"] = defaults[dialect]
+        properties[name] = derived_prop
+    model = schema["x-dialect-models"][dialect]
+    derived = {
+        k: v
+        for k, v in schema.items()
+        if not k.startswith("x-") and k not in ("properties", "additionalProperties")
+    }
     derived["$id"] = f"{schema['$id']}:{dialect}"
     derived["description"] = (
-        f"KVEventsConfig as {dialect} reads it, with kvevents' options. Derived from {CONFIG_SCHEMA} by `python -m codegen`; do not edit."
+        f"KVEventsConfig as {dialect} reads it, with kvevents' options. {model['description']} "
+        f"Derived from {CONFIG_SCHEMA} by `python -m codegen`; do not edit."
     )
+    if model["extra-fields"] == "forbid":
+        derived["additionalProperties"] = False
     derived["properties"] = properties
     return derived
 
 
-def _config_model(schema_file: Path) -> str:
-    """The pydantic model of one derived config schema, rendered by datamodel-code-generator."""
+def _config_model(schema_file: Path, model: dict[str, str]) -> str:
+    """The model of one derived config schema, rendered by datamodel-code-generator."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "config.py"
         subprocess.run(
@@ -141,7 +154,11 @@ def _config_model(schema_file: Path) -> str:
                 "--output",
                 str(out),
                 "--output-model-type",
-                "pydantic_v2.BaseModel",
+                model["output-model-type"],
+                "--extra-fields",
+                model["extra-fields"],
+                "--base-class",
+                model["base-class"],
                 "--target-python-version",
                 "3.11",
                 "--disable-timestamp",
@@ -155,8 +172,6 @@ def _config_model(schema_file: Path) -> str:
                 "all",
                 "--class-name",
                 "KVEventsConfig",
-                "--base-class",
-                CONFIG_BASE,
             ],
             check=True,
             capture_output=True,
@@ -258,7 +273,9 @@ def render_all(model: Model | None = None) -> dict[Path, str]:
         with tempfile.TemporaryDirectory() as tmp:
             schema_file = Path(tmp) / config_schema.name
             schema_file.write_text(files[config_schema], encoding="utf-8")
-            config_model = _config_model(schema_file)
+            config_model = _config_model(
+                schema_file, model.config_schema["x-dialect-models"][d.name]
+            )
         template = f"kvevents/{DIALECT_DIR}/config.py.j2"
         emit(
             pkg / "config.py",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import re
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -65,6 +66,64 @@ def offset_endpoint_port(endpoint: str | None, data_parallel_rank: int) -> str |
             return endpoint
         return f"tcp://{host}:{port + data_parallel_rank}"
     raise EndpointError(f"Invalid endpoint {endpoint!r}: must be tcp://, ipc:// or inproc://")
+
+
+def check_rank_ports(endpoint: str | None, replay_endpoint: str | None, rank: int) -> None:
+    """Refuse a rank whose live port is a lower rank's replay port, or the other way round.
+
+    Every rank r publishes on live port L + r and serves replay on R + r, so when the two
+    base ports are closer than the number of ranks, rank r's live port is rank (r - (R - L))'s
+    replay port. Lower ranks always exist, so that collision is certain; it is refused here,
+    before any bind, with both ranks named.
+    """
+    if not endpoint or not replay_endpoint:
+        return
+    if not endpoint.startswith("tcp://") or not replay_endpoint.startswith("tcp://"):
+        return
+    live_host, live_base = split_tcp(endpoint)
+    replay_host, replay_base = split_tcp(replay_endpoint)
+    if live_base == 0 or replay_base == 0:
+        return  # the OS picks distinct ports
+    if live_host != replay_host and WILDCARD_HOSTS.isdisjoint({live_host, replay_host}):
+        return  # different interfaces
+    rule = (
+        f"every rank r uses live port {live_base}+r and replay port {replay_base}+r, so with "
+        "N data-parallel ranks the two base ports must be at least N apart"
+    )
+    if live_base == replay_base:
+        raise EndpointError(f"live and replay endpoints share port {live_base}: {rule}")
+    other = live_base - replay_base + rank
+    if 0 <= other < rank:
+        raise EndpointError(
+            f"data-parallel rank {rank}'s live port {live_base + rank} is rank {other}'s replay port: {rule}"
+        )
+    other = replay_base - live_base + rank
+    if 0 <= other < rank:
+        raise EndpointError(
+            f"data-parallel rank {rank}'s replay port {replay_base + rank} is rank {other}'s live port: {rule}"
+        )
+
+
+def node_ip_endpoint(endpoint: str, node_ip: Callable[[], str], hint: str) -> str:
+    """A wildcard tcp endpoint with port 0 bound on this node's IP instead, so the endpoint
+    read back is one a remote subscriber can dial; other endpoints unchanged. Refused when
+    the node has no usable IP (`hint` says how to give one)."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    host, port = split_tcp(endpoint)
+    if port != 0 or host not in WILDCARD_HOSTS:
+        return endpoint
+    ip = node_ip()
+    if ip in ("0.0.0.0", "::", ""):
+        raise EndpointError(f"{endpoint} binds this node's IP, and none is known ({ip!r}): {hint}")
+    return f"tcp://[{ip}]:0" if ":" in ip else f"tcp://{ip}:0"
+
+
+def advertised(configured: str, bound: str) -> str:
+    """`configured` unless it asked for port 0, in which case the bound endpoint."""
+    if configured.startswith("tcp://") and split_tcp(configured)[1] == 0:
+        return bound
+    return configured
 
 
 def should_bind(endpoint: str, bind: bool | None = None) -> bool:

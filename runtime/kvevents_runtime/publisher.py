@@ -65,7 +65,10 @@ class ZmqPublisherCore:
         block_timeout: float,
         reply_with_topic: bool,
         shutdown_timeout: float | None,
+        resolve_ephemeral: Callable[[str], str] | None = None,
     ) -> None:
+        """`resolve_ephemeral` rewrites a wildcard tcp endpoint with port 0 before it is
+        bound (vLLM binds the node IP there, so the advertised endpoint is dialable)."""
         if buffer_steps < 1:
             raise ValueError("buffer_steps must be at least 1")
         if max_queue_size < 1:
@@ -82,8 +85,16 @@ class ZmqPublisherCore:
             self.SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout
         )
 
+        endpoints.check_rank_ports(endpoint, replay_endpoint, rank)
         configured = endpoints.offset_endpoint_port(endpoint, rank)
         assert configured is not None
+        configured_replay = endpoints.offset_endpoint_port(replay_endpoint, rank)
+        if resolve_ephemeral is not None:
+            configured = resolve_ephemeral(configured)
+            if configured_replay is not None:
+                configured_replay = resolve_ephemeral(configured_replay)
+        self._configured_endpoint = configured
+        self._configured_replay_endpoint = configured_replay
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._pub: zmq.Socket = self._ctx.socket(zmq.PUB)
         try:
@@ -94,7 +105,7 @@ class ZmqPublisherCore:
             self._replay = ReplayService(
                 self.wire,
                 self._ctx,
-                endpoints.offset_endpoint_port(replay_endpoint, rank),
+                configured_replay,
                 buffer_steps,
                 self._topic_bytes,
                 reply_with_topic,
@@ -329,6 +340,19 @@ class ZmqPublisherCore:
     def replay_endpoint(self) -> str | None:
         """The ROUTER endpoint as bound, or None without replay."""
         return self._replay.endpoint
+
+    @property
+    def advertised_endpoint(self) -> str:
+        """The PUB endpoint as configured (after the rank offset), a port 0 replaced by the
+        bound port: what a remote subscriber is told to dial (vLLM's published config)."""
+        return endpoints.advertised(self._configured_endpoint, self._endpoint)
+
+    @property
+    def advertised_replay_endpoint(self) -> str | None:
+        bound = self._replay.endpoint
+        if bound is None or self._configured_replay_endpoint is None:
+            return None
+        return endpoints.advertised(self._configured_replay_endpoint, bound)
 
     @property
     def connect_endpoint(self) -> str:

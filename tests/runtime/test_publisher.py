@@ -373,10 +373,11 @@ def test_vllm_factory_takes_a_config_object(publishers):
     publisher = mod.EventPublisherFactory.create(config, data_parallel_rank=0)
     publishers.append(publisher)
     assert isinstance(publisher, mod.ZmqEventPublisher) and publisher.buffer_steps == 7
-    with pytest.raises(ValueError, match="Unknown event publisher"):
-        mod.EventPublisherFactory.create(
-            mod.KVEventsConfig(enable_kv_cache_events=True, publisher="kafka")
-        )
+    with pytest.raises(ValueError, match="Input should be 'null' or 'zmq'"):
+        mod.KVEventsConfig(enable_kv_cache_events=True, publisher="kafka")
+    for not_a_config in ('{"enable_kv_cache_events": true}', {"enable_kv_cache_events": True}):
+        with pytest.raises(TypeError, match="takes a KVEventsConfig"):
+            mod.EventPublisherFactory.create(not_a_config)
     with pytest.raises(KeyError):
         mod.EventPublisherFactory.register_publisher("zmq", mod.ZmqEventPublisher)
 

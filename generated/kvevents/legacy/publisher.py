@@ -18,6 +18,7 @@ from kvevents_runtime.publisher import QueueFullPolicy, ZmqPublisherCore
 
 from ..codec import to_legacy
 from ..events import KVEventBatch as CanonicalBatch
+from ..frames import END_SEQ
 from ..wire import WIRE
 from .config import KVEventsConfig
 from .structs import EventBatch
@@ -79,6 +80,8 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
     """
 
     wire = WIRE
+    END_SEQ = END_SEQ
+    """The seq frame of the replay END marker, as the producer's class exposes it."""
 
     def __init__(
         self,
@@ -112,17 +115,6 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
             block_timeout,
             with_topic,
             shutdown_timeout,
-        )
-        self._config = KVEventsConfig.model_validate(
-            {
-                "publisher": "zmq",
-                "endpoint": self.endpoint,
-                "replay_endpoint": self.replay_endpoint,
-                "buffer_steps": buffer_steps,
-                "hwm": hwm,
-                "max_queue_size": max_queue_size,
-                "topic": topic,
-            }
         )
 
     def publish(self, events: EventBatch) -> None:
@@ -167,9 +159,14 @@ class EventPublisherFactory:
 
     @classmethod
     def create(cls, config: str | None, attn_dp_rank: int = 0) -> EventPublisher:
-        """A publisher for the `--kv-events-config` JSON string; Null for an empty one."""
+        """A publisher for the `--kv-events-config` JSON string: Null for an empty one or
+        publisher "null", as upstream; anything but a string is a TypeError."""
         if not config:
             return NullEventPublisher()
+        if not isinstance(config, str | bytes):
+            raise TypeError(
+                f"EventPublisherFactory.create takes the --kv-events-config JSON text, not {type(config).__name__}"
+            )
         parsed = KVEventsConfig.from_cli(config)
         kind = parsed.publisher or "null"
         try:

@@ -10,6 +10,20 @@ first use.
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from kvevents_runtime.compat.sglang import (
+    LOAD_TOPIC,
+    OffloadedState,
+    is_kv_publisher_rank,
+    kv_event_namespace_seed,
+    namespaced_block_hash,
+    parse_advertisable_tcp,
+    parse_bindable_tcp,
+    parse_tcp_port,
+    resolve_load_pub_range,
+    select_kv_publisher_dp_rank,
+    uses_dynamo_format,
+)
+
 from .structs import (
     AllBlocksCleared,
     BlockRemoved,
@@ -64,4 +78,15 @@ __all__ = [
     "NullEventPublisher",
     "ZmqEventPublisher",
     "StorageMedium",
+    "LOAD_TOPIC",
+    "OffloadedState",
+    "is_kv_publisher_rank",
+    "kv_event_namespace_seed",
+    "namespaced_block_hash",
+    "parse_advertisable_tcp",
+    "parse_bindable_tcp",
+    "parse_tcp_port",
+    "resolve_load_pub_range",
+    "select_kv_publisher_dp_rank",
+    "uses_dynamo_format",
 ]

@@ -18,11 +18,11 @@ from kvevents_runtime.config import KVEventsConfigBase
 
 class KVEventsConfig(KVEventsConfigBase):
     model_config = ConfigDict(
-        extra="forbid",
+        extra="ignore",
     )
-    publisher: str | None = "null"
+    publisher: str = "null"
     """
-    Registered publisher name: 'null' or 'zmq'. vLLM turns null into 'zmq' when events are enabled, else 'null'; SGLang defaults to 'null'.
+    Registered publisher name. vLLM accepts 'null' or 'zmq' and turns null into 'zmq' when events are enabled, else 'null'; SGLang takes any registered name and defaults to 'null'.
     """
     endpoint: str = "tcp://*:5557"
     """

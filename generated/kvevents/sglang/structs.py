@@ -35,7 +35,7 @@ class StorageMedium(str, enum.Enum):  # noqa: UP042
 class BlockStored(KVCacheEvent):
     block_hashes: list[int]
     parent_block_hash: int | None
-    token_ids: list[int]
+    token_ids: list[int | tuple[int, int]]
     block_size: int
     lora_id: int | None
     medium: str | None = None

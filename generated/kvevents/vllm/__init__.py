@@ -10,6 +10,8 @@ first use.
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from kvevents_runtime.compat.vllm import KVConnectorKVEvents, KVEventAggregator, get_ip
+
 from .structs import (
     MEDIUM_CPU,
     MEDIUM_GPU,
@@ -70,4 +72,7 @@ __all__ = [
     "MEDIUM_GPU",
     "MEDIUM_CPU",
     "MEDIUM_STORAGE",
+    "KVConnectorKVEvents",
+    "KVEventAggregator",
+    "get_ip",
 ]

@@ -12,21 +12,20 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
-from kvevents_runtime.config import KVEventsConfigBase
+from kvevents_runtime.config import KVEventsConfigDataclass
 
 
-class KVEventsConfig(KVEventsConfigBase):
-    model_config = ConfigDict(
-        extra="forbid",
-    )
+@dataclass(config=ConfigDict(extra="forbid"))
+class KVEventsConfig(KVEventsConfigDataclass):
     enable_kv_cache_events: bool = False
     """
     Publish KV-cache events at all (vLLM). SGLang enables them by passing a config string.
     """
-    publisher: str | None = None
+    publisher: Literal["null", "zmq"] | None = None
     """
-    Registered publisher name: 'null' or 'zmq'. vLLM turns null into 'zmq' when events are enabled, else 'null'; SGLang defaults to 'null'.
+    Registered publisher name. vLLM accepts 'null' or 'zmq' and turns null into 'zmq' when events are enabled, else 'null'; SGLang takes any registered name and defaults to 'null'.
     """
     endpoint: str = "tcp://*:5557"
     """

@@ -10,19 +10,30 @@ encoded, replay is served in chunks between live batches, and shutdown never rai
 from __future__ import annotations
 
 import logging
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+from kvevents_runtime.endpoints import node_ip_endpoint
 from kvevents_runtime.publisher import QueueFullPolicy, ZmqPublisherCore
 
 from ..codec import to_vllm
 from ..events import KVEventBatch as CanonicalBatch
+from ..frames import END_SEQ
 from ..wire import WIRE
 from .config import KVEventsConfig
 from .structs import EventBatch
 
 logger = logging.getLogger("kvevents.vllm")
+
+
+def _bind_node_ip(endpoint: str) -> str:
+    # Looked up on the dialect package at bind time, so `kvevents.vllm.get_ip` can be
+    # replaced (as vLLM 0.33.0's tests replace its module's `get_ip`).
+    node_ip = sys.modules[__package__].get_ip
+    return node_ip_endpoint(endpoint, node_ip, "set VLLM_HOST_IP to this node's address")
+
 
 _PUBLISHER_ARGS = (
     "endpoint",
@@ -83,6 +94,8 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
     """
 
     wire = WIRE
+    END_SEQ = END_SEQ
+    """The seq frame of the replay END marker, as the producer's class exposes it."""
 
     def __init__(
         self,
@@ -116,18 +129,18 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
             block_timeout,
             with_topic,
             shutdown_timeout,
+            _bind_node_ip,
         )
-        self._config = KVEventsConfig.model_validate(
-            {
-                "enable_kv_cache_events": True,
-                "publisher": "zmq",
-                "endpoint": self.endpoint,
-                "replay_endpoint": self.replay_endpoint,
-                "buffer_steps": buffer_steps,
-                "hwm": hwm,
-                "max_queue_size": max_queue_size,
-                "topic": topic,
-            }
+        # As vLLM 0.33.0: the configured endpoints (wildcards kept), ephemeral ports resolved.
+        self._config = KVEventsConfig(
+            enable_kv_cache_events=True,
+            publisher="zmq",
+            endpoint=self.advertised_endpoint,
+            replay_endpoint=self.advertised_replay_endpoint,
+            buffer_steps=buffer_steps,
+            hwm=hwm,
+            max_queue_size=max_queue_size,
+            topic=topic,
         )
 
     def publish(self, events: EventBatch) -> None:
@@ -176,8 +189,19 @@ class EventPublisherFactory:
 
     @classmethod
     def create(cls, config: Any, data_parallel_rank: int = 0) -> EventPublisher:
-        """A publisher for a KVEventsConfig (ours or the producer's own class)."""
-        if config is None or not getattr(config, "enable_kv_cache_events", False):
+        """A publisher for a KVEventsConfig (ours or the producer's own class): Null when
+        `config` is None, events are disabled or the publisher is "null", as upstream.
+
+        Anything else that is not a config (a JSON string, a dict) is a TypeError rather
+        than a silent Null publisher."""
+        if config is None:
+            return NullEventPublisher()
+        if not hasattr(config, "enable_kv_cache_events"):
+            raise TypeError(
+                f"EventPublisherFactory.create takes a KVEventsConfig, not {type(config).__name__}; "
+                "build one with KVEventsConfig(...) or KVEventsConfig.from_cli(json_text)"
+            )
+        if not config.enable_kv_cache_events:
             return NullEventPublisher()
         parsed = config
         kind = getattr(config, "publisher", None) or "zmq"

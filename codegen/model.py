@@ -131,6 +131,7 @@ class Message:
     frames: tuple[Frame, ...]
     router_prefix: tuple[str, ...]
     shape: str | None
+    info: bool = False
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,7 @@ def _messages(asyncapi: dict[str, Any]) -> dict[str, Message]:
             frames=tuple(Frame(f["name"], f["kind"]) for f in msg["x-frames"]),
             router_prefix=tuple(msg.get("x-router-prefix", ())),
             shape=msg.get("x-shape"),
+            info=bool(msg.get("x-info")),
         )
     return out
 

@@ -30,6 +30,7 @@ _FRAME_VALUES = {
     "any": 'b""',
     "end_seq": "END_SEQ",
     "start_seq": "seq_bytes(start)",
+    "info_flag": "INFO_FLAG",
 }
 _LIVE_VALUES = {"topic": "topic", "seq": "seq_frame", "payload": "payload"}
 _REPLY_VALUES = {
@@ -181,6 +182,22 @@ def _config_model(schema_file: Path, model: dict[str, str]) -> str:
     return "\n".join(line for line in body.splitlines() if not line.startswith("#"))
 
 
+def _info_fields(schema: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    """(name, annotation, default or None) of the info reply's fields, required ones first."""
+    types = {
+        ("string", "binary"): "bytes",
+        ("string", None): "str",
+        ("integer", None): "int",
+        ("boolean", None): "bool",
+    }
+    required = schema["required"]
+    fields = []
+    for name, prop in schema["properties"].items():
+        annotation = types[(prop["type"], prop.get("format"))]
+        fields.append((name, annotation, None if name in required else repr(prop["default"])))
+    return sorted(fields, key=lambda f: f[2] is not None)
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, indent=2) + "\n"
 
@@ -216,7 +233,13 @@ def render_all(model: Model | None = None) -> dict[Path, str]:
         token_doc=defs["Token"]["description"],
     )
     package("codec.py", events_src, events=model.events, dialects=model.dialects)
-    package("frames.py", asyncapi_src, constants=model.constants, messages=model.messages)
+    package(
+        "frames.py",
+        asyncapi_src,
+        constants=model.constants,
+        messages=model.messages,
+        info_fields=_info_fields(model.asyncapi["components"]["schemas"]["PublisherInfo"]),
+    )
     shapes = []
     for shape in ("with_topic", "without_topic"):
         reply = next(
@@ -224,7 +247,9 @@ def render_all(model: Model | None = None) -> dict[Path, str]:
             for m in model.messages.values()
             if m.shape == shape and "payload" in [f.kind for f in m.frames]
         )
-        end = next(m for m in model.messages.values() if m.shape == shape and m is not reply)
+        end = next(
+            m for m in model.messages.values() if m.shape == shape and m is not reply and not m.info
+        )
         shapes.append((shape, reply, end))
     package(
         "loops.py",

@@ -25,7 +25,7 @@ from kvevents_runtime.errors import (
     KVEventsError,
 )
 
-from .codec import DIALECTS, DROPPED_FIELDS, decode, encode, project
+from .codec import DIALECTS, DROPPED_FIELDS, MAX_EVENT_ERRORS, decode, encode, project
 from .events import (
     AllBlocksCleared,
     BlockHash,
@@ -80,6 +80,7 @@ def schema_path() -> Path:
 __all__ = [
     "DIALECTS",
     "DROPPED_FIELDS",
+    "MAX_EVENT_ERRORS",
     "BlockStored",
     "BlockRemoved",
     "AllBlocksCleared",

@@ -117,6 +117,10 @@ _DEFAULTS: Final[dict[str, dict[str, object]]] = {
     "AllBlocksCleared": {},
 }
 
+MAX_EVENT_ERRORS: Final = 64
+"""Undecodable events one batch may report; past that the whole batch is a DecodeError, so a
+payload of junk events costs time and memory linear in its size with a small constant."""
+
 _DECODE_FAILURES = (msgspec.DecodeError, RecursionError, UnicodeDecodeError, OverflowError)
 _map_batch = msgspec.msgpack.Decoder(_MapBatch)
 _array_batch = msgspec.msgpack.Decoder(_ArrayBatch)
@@ -161,6 +165,10 @@ def _decode_isolating(payload: bytes | bytearray | memoryview) -> KVEventBatch:
     events: list[Event] = []
     errors: list[EventError] = []
     for index, item in enumerate(raw.events):
+        if len(errors) > MAX_EVENT_ERRORS:
+            raise DecodeError(
+                f"more than {MAX_EVENT_ERRORS} undecodable events in a batch of {len(raw.events)}"
+            )
         data = bytes(item)
         head = data[0] if data else -1
         try:

@@ -10,6 +10,8 @@ frame tuple to send; parsers take the frames as received and raise `FrameError` 
 from collections.abc import Sequence
 from typing import Final, NamedTuple
 
+import msgspec
+
 from kvevents_runtime.errors import FrameError
 
 SEQ_SIZE: Final = 8
@@ -18,6 +20,10 @@ END_SEQ: Final = bytes.fromhex("ffffffffffffffff")
 """Sequence frame of the replay END marker ((-1) as 8 signed big-endian bytes); its payload frame is empty."""
 MAX_START_SEQ_SIZE: Final = 8
 """A replay request's start frame is read as a big-endian unsigned int of up to 8 bytes; empty means 0 (full replay); longer is invalid."""
+INFO_FLAG: Final = bytes.fromhex("696e666f")
+"""Third frame of a replay request that asks for an info reply ahead of the replayed batches (b"info"); sent only to publishers that answered the info request."""
+SCHEMA_VERSION: Final = "0.2.0"
+"""Version of this document, carried in every info reply."""
 
 Frames = Sequence[bytes]
 
@@ -43,7 +49,8 @@ def parse_start_seq(frame: bytes) -> int:
 
 
 class ReplayItem(NamedTuple):
-    """One replay reply as a DEALER receives it. `topic` is None for the topic-less shape."""
+    """One replay reply as a DEALER receives it. `topic` is None for the topic-less shape.
+    Under END_SEQ, an empty payload is the END marker and a non-empty one an info reply."""
 
     topic: bytes | None
     seq: int
@@ -51,7 +58,39 @@ class ReplayItem(NamedTuple):
 
     @property
     def is_end(self) -> bool:
-        return self.seq == END_SEQ_INT
+        return self.seq == END_SEQ_INT and not self.payload
+
+    @property
+    def is_info(self) -> bool:
+        return self.seq == END_SEQ_INT and bool(self.payload)
+
+
+class PublisherInfo(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """The payload of an info reply (AsyncAPI components.schemas.PublisherInfo)."""
+
+    instance: bytes
+    next_seq: int
+    oldest_seq: int
+    topic: str
+    dialect: str
+    schema_version: str
+    busy: bool = False
+
+
+_info_encoder = msgspec.msgpack.Encoder()
+_info_decoder = msgspec.msgpack.Decoder(PublisherInfo)
+
+
+def encode_info(info: PublisherInfo) -> bytes:
+    return _info_encoder.encode(info)
+
+
+def decode_info(payload: bytes) -> PublisherInfo:
+    """An info reply's payload; FrameError when it is not one."""
+    try:
+        return _info_decoder.decode(payload)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+        raise FrameError(f"info reply payload is not publisher info: {exc}") from None
 
 
 END_SEQ_INT: Final = int.from_bytes(END_SEQ, "big")
@@ -120,6 +159,44 @@ def pack_replay_end_without_topic(identity: bytes) -> tuple[bytes, ...]:
     )
 
 
+def pack_info_request() -> tuple[bytes, ...]:
+    """What a DEALER sends to ask who the publisher is: a replay request whose start is END_SEQ. vLLM's and SGLang's publishers answer it with a bare END marker."""
+    return (
+        b"",
+        END_SEQ,
+    )
+
+
+def pack_replay_request_with_info(start: int) -> tuple[bytes, ...]:
+    """A replay request whose replies are headed by an info reply, so the subscriber knows which instance replays."""
+    return (
+        b"",
+        seq_bytes(start),
+        INFO_FLAG,
+    )
+
+
+def pack_info_reply_with_topic(identity: bytes, topic: bytes, info: bytes) -> tuple[bytes, ...]:
+    """Info reply in the with-topic reply shape: END_SEQ with a PublisherInfo payload (an END marker's payload is empty)."""
+    return (
+        identity,
+        b"",
+        topic,
+        END_SEQ,
+        info,
+    )
+
+
+def pack_info_reply_without_topic(identity: bytes, info: bytes) -> tuple[bytes, ...]:
+    """Info reply in the topic-less reply shape."""
+    return (
+        identity,
+        b"",
+        END_SEQ,
+        info,
+    )
+
+
 def parse_live_batch(frames: Frames) -> tuple[bytes, int, bytes]:
     """`(topic, seq, payload)` of a live message."""
     if len(frames) != 3:
@@ -128,14 +205,18 @@ def parse_live_batch(frames: Frames) -> tuple[bytes, int, bytes]:
     return topic, parse_seq(seq), payload
 
 
-def parse_replay_request(frames: Frames) -> tuple[bytes, int]:
-    """`(identity, start)` of a request as the ROUTER receives it."""
-    expected = 3
-    if len(frames) != expected:
-        raise FrameError(
-            f"replay request must have {expected} frames with the identity, got {len(frames)}"
-        )
-    return frames[0], parse_start_seq(frames[-1])
+def parse_replay_request(frames: Frames) -> tuple[bytes, int, bool]:
+    """`(identity, start, with_info)` of a request as the ROUTER receives it: a replay request,
+    an info request (start END_SEQ_INT), or a replay request headed by info (its flag frame)."""
+    plain = 3
+    flagged = 4
+    if len(frames) == plain:
+        return frames[0], parse_start_seq(frames[-1]), False
+    if len(frames) == flagged and frames[-1] == INFO_FLAG:
+        return frames[0], parse_start_seq(frames[-2]), True
+    raise FrameError(
+        f"replay request must have {plain} frames with the identity, or {flagged} ending in the info flag; got {len(frames)}"
+    )
 
 
 def parse_replay_reply(frames: Frames) -> ReplayItem:
@@ -151,7 +232,4 @@ def parse_replay_reply(frames: Frames) -> ReplayItem:
         raise FrameError(f"replay reply must have 3 or 4 frames, got {count}")
     if delimiter:
         raise FrameError("replay reply must start with an empty delimiter frame")
-    item = ReplayItem(with_topic, parse_seq(seq), payload)
-    if item.is_end and payload:
-        raise FrameError("END marker must have an empty payload")
-    return item
+    return ReplayItem(with_topic, parse_seq(seq), payload)

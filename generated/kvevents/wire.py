@@ -14,11 +14,28 @@ from kvevents_runtime.wire import Wire
 from . import frames, loops
 from .codec import decode
 
+
+def _pack_info_reply(
+    identity: bytes, topic: bytes, info: bytes, with_topic: bool
+) -> tuple[bytes, ...]:
+    if with_topic:
+        return frames.pack_info_reply_with_topic(identity, topic, info)
+    return frames.pack_info_reply_without_topic(identity, info)
+
+
 WIRE = Wire(
     parse_seq=frames.parse_seq,
+    end_seq=frames.END_SEQ_INT,
+    schema_version=frames.SCHEMA_VERSION,
     pack_replay_request=frames.pack_replay_request,
+    pack_replay_request_with_info=frames.pack_replay_request_with_info,
+    pack_info_request=frames.pack_info_request,
     parse_replay_request=frames.parse_replay_request,
     parse_replay_reply=frames.parse_replay_reply,
+    pack_info_reply=_pack_info_reply,
+    new_info=frames.PublisherInfo,
+    encode_info=frames.encode_info,
+    decode_info=frames.decode_info,
     send_live_chunk=loops.send_live_chunk,
     replay_senders=loops.REPLAY_SENDERS,
     new_encoder=lambda: msgspec.msgpack.Encoder().encode,

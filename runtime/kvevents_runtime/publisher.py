@@ -66,6 +66,7 @@ class ZmqPublisherCore:
         reply_with_topic: bool,
         shutdown_timeout: float | None,
         resolve_ephemeral: Callable[[str], str] | None = None,
+        dialect: str = "",
     ) -> None:
         """`resolve_ephemeral` rewrites a wildcard tcp endpoint with port 0 before it is
         bound (vLLM binds the node IP there, so the advertised endpoint is dialable)."""
@@ -111,6 +112,7 @@ class ZmqPublisherCore:
                 reply_with_topic,
                 self.REPLAY_CHUNK,
                 unwrapped_send,
+                dialect,
             )
         except BaseException:
             self._pub.close(linger=0)
@@ -327,6 +329,11 @@ class ZmqPublisherCore:
         return self._topic_bytes.decode("utf-8")
 
     @property
+    def instance(self) -> bytes:
+        """16 random bytes drawn at start; info replies carry them, so subscribers see restarts."""
+        return self._replay.instance
+
+    @property
     def buffer_steps(self) -> int:
         """How many batches the replay buffer holds."""
         return self._replay.capacity
@@ -378,6 +385,7 @@ class ZmqPublisherCore:
             "encode_failures": self._encode_failures,
             "send_failures": self._send_failures,
             "replay_requests": replay.requests,
+            "info_requests": replay.info_requests,
             "replay_invalid": replay.invalid,
             "replay_rejected_busy": replay.rejected_busy,
             "replay_unreachable": replay.unreachable,

@@ -12,6 +12,7 @@ on a later round, so no entry and no END marker is ever silently dropped (sglang
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from typing import Any, cast
 
@@ -29,6 +30,7 @@ class ReplayService:
     MAX_REQUESTS_PER_ROUND = 64
     """Requests read per round, so a flood of them cannot starve live publishing."""
     MAX_SESSIONS = 256
+    """Replays in flight at once; each peer (DEALER identity) has at most one."""
     MAX_REQUEST_BYTES = 1024
     """ZMQ_MAXMSGSIZE of the ROUTER: a peer sending a larger frame is disconnected."""
 
@@ -42,8 +44,12 @@ class ReplayService:
         with_topic: bool,
         chunk: int,
         send: Any,
+        dialect: str = "",
     ) -> None:
         self.capacity = capacity
+        self.instance = os.urandom(16)
+        """Drawn at start: an info reply with another instance tells a subscriber of a restart."""
+        self._dialect = dialect
         self.ring: list[RingEntry | None] = [None] * capacity
         self.sessions: deque[list[Any]] = deque()
         self.chunk = chunk
@@ -53,6 +59,7 @@ class ReplayService:
         self._topic = topic
         self._invalid_log = RateLimitedLog(logger)
         self.requests = 0
+        self.info_requests = 0
         self.invalid = 0
         self.rejected_busy = 0
         self.unreachable = 0
@@ -91,6 +98,7 @@ class ReplayService:
         assert sock is not None
         oldest = self.oldest(next_seq)
         parse = self._wire.parse_replay_request
+        info_start = self._wire.end_seq
         for _ in range(self.MAX_REQUESTS_PER_ROUND):
             try:
                 request = sock.recv_multipart(zmq.NOBLOCK)
@@ -98,20 +106,54 @@ class ReplayService:
                 return
             self.requests += 1
             try:
-                identity, start = parse(request)
+                identity, start, with_info = parse(request)
             except FrameError as exc:
                 self.invalid += 1
                 self._invalid_log.warning("kvevents: invalid replay request ignored: %s", exc)
                 continue
-            if len(self.sessions) >= self.MAX_SESSIONS:
+            if start == info_start:
+                self.info_requests += 1
+                self._send_info(identity, next_seq, busy=False)
+                continue
+            busy = len(self.sessions) >= self.MAX_SESSIONS or any(
+                s[0] == identity for s in self.sessions
+            )
+            if busy:
+                # One replay per peer: a peer asking for full replays and never reading them
+                # holds one slot, not all of them. A peer that speaks info is told to retry.
                 self.rejected_busy += 1
                 self._invalid_log.warning(
-                    "kvevents: replay request dropped: %d replays in flight", len(self.sessions)
+                    "kvevents: replay request refused: %d replays in flight, one per peer",
+                    len(self.sessions),
                 )
+                if with_info:
+                    self._send_info(identity, next_seq, busy=True)
                 continue
+            if with_info:
+                self._send_info(identity, next_seq, busy=False)
             # A start older than the buffer begins at the oldest retained batch: the first
             # replayed seq tells the client how much history was lost.
             self.sessions.append([identity, max(start, oldest), next_seq])
+
+    def _send_info(self, identity: bytes, next_seq: int, busy: bool) -> None:
+        wire = self._wire
+        info = wire.new_info(
+            instance=self.instance,
+            next_seq=next_seq,
+            oldest_seq=self.oldest(next_seq),
+            topic=self._topic.decode("utf-8", "replace"),
+            dialect=self._dialect,
+            schema_version=wire.schema_version,
+            busy=busy,
+        )
+        frames = wire.pack_info_reply(
+            identity, self._topic, wire.encode_info(info), self.with_topic
+        )
+        assert self.socket is not None
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.unreachable += 1  # a full or vanished peer: its request times out and retries
 
     def serve(self, next_seq: int) -> bool:
         """One chunk across the open sessions; True when anything was sent. An idle

@@ -1,20 +1,22 @@
 """The consumer side: in-order batches from one or more publishers, gaps repaired by replay.
 
-One `Source` per publisher (one per DP rank, each with its own endpoint pair) keeps its own
-sequence state. Live batches arrive on a SUB socket; replays come back on a DEALER, in
-either reply shape. What the subscriber cannot repair it reports as a `Notice`:
+One `Source` per publisher (one per DP rank, each with its own endpoint pair). Live batches
+arrive on a SUB socket, replays and info replies on a DEALER. What each source's stream
+means is decided by its `Sequencer` (kvevents_runtime.sequencer, where the delivery contract
+is stated); this module moves frames and turns the sequencer's answers into deliveries,
+notices and requests. Notices:
 
-- ``gap``: a seq was skipped on the live stream; a replay was requested.
-- ``repaired``: a replay filled the gap.
-- ``history_lost``: the replay began after the requested seq (the publisher's buffer no
-  longer reaches back), a replay failed after its retries, or the live buffer overflowed
-  while a replay was in flight; delivery resumes after the hole.
-- ``reset``: the seq went backwards, so the publisher restarted; delivery continues with
-  the new stream (its `epoch` is one higher), nothing of it is taken for a duplicate.
-- ``decode_error``: a payload that is not a batch; reported and skipped once, never
-  re-requested. ``event_errors``: a batch with undecodable events; the good ones are
-  delivered. ``malformed``: a frame list of the wrong shape; dropped and counted.
-- ``overflow``: live batches buffered during a replay reached `max_buffered`.
+- ``gap``: a live seq skipped ahead; a repair was started. ``repaired``: it completed.
+- ``history_lost`` (first, last, reason): seqs that will never be delivered in this epoch.
+- ``reset``: the publisher restarted (a new instance id, or a live seq going backwards
+  against a publisher without info); the new stream is delivered from its first seq still
+  available, under the next `epoch`.
+- ``decode_error``: a payload that is not a batch; ``event_errors``: a batch with
+  undecodable events (the good ones are delivered); ``malformed``: a frame list of the wrong
+  shape, a seq that is the END marker, or another topic; dropped and counted.
+- ``overflow``: live batches held during a repair reached `max_buffered`.
+- ``busy``: the publisher refused a replay for now; it is asked again after a pause.
+- ``stale`` / ``alive``: nothing arrived from a source for `stale_after` seconds / it spoke again.
 """
 
 from __future__ import annotations
@@ -22,23 +24,53 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 import zmq
 
 from .endpoints import attach
 from .errors import DecodeError, FrameError
+from .sequencer import (
+    DELIVER,
+    GAP,
+    LOST,
+    OVERFLOW,
+    REPAIRED,
+    REQUEST_INFO,
+    REQUEST_REPLAY,
+    RESET,
+    JoinPolicy,
+    Sequencer,
+)
 from .wire import Wire
 
 logger = logging.getLogger("kvevents.subscriber")
 
-JoinPolicy = Literal["start", "first_seen", "none"]
-_RCVMORE = zmq.RCVMORE
 _NOBLOCK = zmq.NOBLOCK
-_now = time.monotonic
-RECENT = 4096
-_RECENT_MASK = RECENT - 1
+_RCVMORE = zmq.RCVMORE
+_MASK = 4096 - 1
+STAT_NAMES = (
+    "delivered",
+    "gaps",
+    "repaired",
+    "replays_requested",
+    "info_requests",
+    "replay_retries",
+    "replayed",
+    "history_lost",
+    "resets",
+    "duplicates",
+    "late",
+    "ambiguous",
+    "decode_errors",
+    "event_errors",
+    "malformed",
+    "other_topic",
+    "overflows",
+    "busy",
+    "stale",
+)
 
 
 class Notice(NamedTuple):
@@ -76,38 +108,49 @@ class Delivery(msgspec.Struct, gc=False):
         return 2
 
 
-class _Replay:
-    """One replay request in flight."""
+class _Request:
+    """The request a source has in flight on its DEALER."""
 
-    __slots__ = ("attempts", "deadline", "first", "probe", "start")
+    __slots__ = ("attempts", "deadline", "kind", "start")
 
-    def __init__(self, start: int, deadline: float, probe: bool = False) -> None:
+    def __init__(self, kind: str, start: int, deadline: float) -> None:
+        self.kind = kind
         self.start = start
         self.deadline = deadline
-        self.first = True
         self.attempts = 1
-        self.probe = probe
 
 
 class Source:
-    """The sequence state of one publisher."""
+    """One publisher: its sockets, its sequencer and its liveness."""
 
-    def __init__(self, index: int, endpoint: str, replay_endpoint: str | None) -> None:
+    def __init__(
+        self, index: int, endpoint: str, replay_endpoint: str | None, sequencer: Sequencer
+    ) -> None:
         self.index = index
         self.endpoint = endpoint
         self.replay_endpoint = replay_endpoint
-        self.expected: int | None = None
-        self.last_live: int | None = None
-        # The last RECENT delivered (seq, payload) pairs. Replayed bytes are the live bytes, so
-        # a live seq below `expected` is a duplicate only if its payload matches what was
-        # delivered under that seq; otherwise the publisher restarted (the wire has no epoch).
-        self.recent: list[tuple[int, bytes] | None] = [None] * RECENT
-        self.epoch = 0
+        self.seq = sequencer
+        self.request: _Request | None = None
+        self.resend_at: float | None = None
+        """When a refused (busy) request goes out again."""
         self.last_activity = time.monotonic()
-        self.pending: dict[int, bytes] = {}
-        self.replay: _Replay | None = None
+        self.stale = False
         self.sub: zmq.Socket | None = None
         self.dealer: zmq.Socket | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.seq.epoch
+
+    @property
+    def expected(self) -> int | None:
+        return self.seq.expected
+
+    @property
+    def info_supported(self) -> bool | None:
+        """True for a kvevents publisher; False for one that does not answer info (vLLM's,
+        SGLang's own), whose restarts are seen only by a live seq going backwards."""
+        return self.seq.info_supported
 
 
 class Subscriber:
@@ -117,10 +160,11 @@ class Subscriber:
     `join` says what to do on joining a stream mid-way: "start" replays from seq 0 (as far
     back as the publisher's buffer reaches), "first_seen" starts at the first live seq
     received, "none" starts there too and never requests a replay (gaps are reported as
-    history lost). `idle_probe`: after that many quiet seconds a source is asked for a
-    replay from its next seq, which finds a tail the PUB socket dropped when no later live
-    batch would reveal it (None disables). `max_buffered` bounds the live batches held while a replay is in
-    flight; `replay_timeout` and `replay_attempts` bound how long a replay may stall.
+    history lost). `idle_probe`: after that many quiet seconds a source is asked what it
+    holds, which finds a tail the PUB socket dropped and a restart no live batch revealed
+    (None disables). `max_buffered` bounds the live batches held during a repair;
+    `replay_timeout` and `replay_attempts` bound how long a request may stall;
+    `stale_after` is the silence after which a source is reported stale (None disables).
     """
 
     wire: Wire
@@ -137,6 +181,8 @@ class Subscriber:
         replay_timeout: float = 2.0,
         replay_attempts: int = 3,
         idle_probe: float | None = 1.0,
+        stale_after: float | None = 10.0,
+        busy_backoff: float = 0.05,
         on_notice: Callable[[Notice], None] | None = None,
         context: zmq.Context | None = None,
         rcvhwm: int = 100_000,
@@ -154,36 +200,21 @@ class Subscriber:
         self._replay_timeout = replay_timeout
         self._replay_attempts = replay_attempts
         self._idle_probe = idle_probe
+        self._stale_after = stale_after
+        self._busy_backoff = busy_backoff
         self._on_notice = on_notice or (lambda n: logger.info("kvevents: %s", n))
         self._ctx = context or zmq.Context.instance()
         self._rcvhwm = rcvhwm
         self._poller = zmq.Poller()
         self._owners: dict[zmq.Socket, tuple[Source, bool]] = {}
-        self.sources: list[Source] = []
-        self.stats: dict[str, int] = dict.fromkeys(
-            (
-                "delivered",
-                "gaps",
-                "repaired",
-                "replays_requested",
-                "replay_retries",
-                "replayed",
-                "history_lost",
-                "resets",
-                "duplicates",
-                "decode_errors",
-                "event_errors",
-                "malformed",
-                "overflows",
-            ),
-            0,
-        )
+        self._sources: dict[int, Source] = {}
+        self._next_index = 0
+        self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
         self._closed = False
         wire = self.wire
         self._decode = wire.decode
         self._parse_seq = wire.parse_seq
-        self._parse_reply = wire.parse_replay_reply
-        self._pack_request = wire.pack_replay_request
+        self._end_seq = wire.end_seq
         try:
             for live, replay in pairs:
                 self.add_source(live, replay)
@@ -193,9 +224,16 @@ class Subscriber:
 
     # -- set-up -----------------------------------------------------------------------
 
+    @property
+    def sources(self) -> list[Source]:
+        """The sources followed now, by index (a removed source's index is not reused)."""
+        return list(self._sources.values())
+
     def add_source(self, endpoint: str, replay_endpoint: str | None = None) -> Source:
         """Follow one more publisher (e.g. another DP rank)."""
-        source = Source(len(self.sources), endpoint, replay_endpoint)
+        sequencer = Sequencer(self._join, replay_endpoint is not None, self._max_buffered)
+        source = Source(self._next_index, endpoint, replay_endpoint, sequencer)
+        self._next_index += 1
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, self._rcvhwm)
@@ -203,17 +241,30 @@ class Subscriber:
             sub.setsockopt(zmq.IPV6, 1)
         sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         source.sub = sub
-        self.sources.append(source)
+        self._sources[source.index] = source
         self._owners[sub] = (source, False)
         self._poller.register(sub, zmq.POLLIN)
         attach(sub, endpoint, bind=False)
         if replay_endpoint is not None:
             self._open_dealer(source)
-            if self._join == "start":
-                # Ask at once: a quiet publisher may send nothing live for a long time.
-                source.expected = 0
-                self._request_replay(source, 0)
+        actions: list[tuple[Any, ...]] = []
+        sequencer.start(actions)
+        self._act(source, actions, [])
         return source
+
+    def remove_source(self, source: Source | int) -> None:
+        """Stop following a publisher: its sockets are closed, its state dropped, and
+        nothing more is delivered or reported for it. Idempotent."""
+        index = source if isinstance(source, int) else source.index
+        removed = self._sources.pop(index, None)
+        if removed is None:
+            return
+        for sock in (removed.sub, removed.dealer):
+            if sock is not None:
+                self._poller.unregister(sock)
+                self._owners.pop(sock, None)
+                sock.close(linger=0)
+        removed.sub = removed.dealer = None
 
     def _open_dealer(self, source: Source) -> None:
         dealer = self._ctx.socket(zmq.DEALER)
@@ -226,7 +277,7 @@ class Subscriber:
         attach(dealer, source.replay_endpoint, bind=False)
 
     def _reset_dealer(self, source: Source) -> None:
-        """A fresh DEALER drops any late reply of an abandoned replay."""
+        """A fresh DEALER drops every late reply to an abandoned request."""
         if source.dealer is not None:
             self._poller.unregister(source.dealer)
             del self._owners[source.dealer]
@@ -239,14 +290,14 @@ class Subscriber:
     def poll(self, timeout: float | None = 1.0, max_messages: int = 32) -> list[Delivery]:
         """Wait up to `timeout` seconds (None: forever) for input; return what is ready in order.
 
-        At most `max_messages` per socket per call: decoded batches handed over a few dozen
-        at a time die young and stay in cache. Measured with 8-event batches, 32 per call
-        deliver a third faster than 128, and twice as fast as 1000."""
+        At most `max_messages` per socket per call, so one call's work is bounded: decoded
+        batches handed over a few dozen at a time die young and stay in cache. Measured with
+        8-event batches, 32 per call deliver a third faster than 128, and twice as fast as 1000."""
         if self._closed:
             raise RuntimeError("Subscriber is closed")
         out: list[Delivery] = []
         wait_ms = None if timeout is None else int(timeout * 1000)
-        deadline_ms = self._next_replay_deadline_ms()
+        deadline_ms = self._next_deadline_ms()
         if deadline_ms is not None:
             wait_ms = deadline_ms if wait_ms is None else min(wait_ms, deadline_ms)
         ready = self._poller.poll(wait_ms)
@@ -259,25 +310,8 @@ class Subscriber:
                 self._drain_replay(source, sock, out, max_messages)
             else:
                 self._drain_live(source, sock, out, max_messages)
-        self._check_replay_timeouts(out)
-        self._probe_idle_sources()
+        self._check_clocks(out)
         return out
-
-    def _probe_idle_sources(self) -> None:
-        quiet = self._idle_probe
-        if quiet is None:
-            return
-        now = time.monotonic()
-        for source in self.sources:
-            if (
-                source.replay is None
-                and source.expected is not None
-                and now - source.last_activity > quiet
-            ):
-                source.last_activity = now
-                if self._request_replay(source, source.expected):
-                    assert source.replay is not None
-                    source.replay.probe = True
 
     def __iter__(self) -> Iterator[Delivery]:
         while not self._closed:
@@ -286,48 +320,65 @@ class Subscriber:
     def _drain_live(
         self, source: Source, sock: zmq.Socket, out: list[Delivery], budget: int
     ) -> None:
-        # The cheapest pyzmq path: `recv()` per frame, and one zero-copy last frame whose
-        # `more` flag replaces the getsockopt(RCVMORE) calls that cost more than the recvs.
+        # Each frame is taken zero-copy for its `more` flag, so a message of the wrong frame
+        # count is dropped whole and never merged with its neighbour.
         recv = sock.recv
         parse_seq = self._parse_seq
         decode = self._decode
         append = out.append
-        recent = source.recent
+        topic = self._topic
+        sequencer = source.seq
+        recent = sequencer.recent
         index = source.index
         received = 0
         delivered = 0
+        actions: list[tuple[Any, ...]] = []
         try:
             for _ in range(budget):
                 try:
-                    recv(_NOBLOCK)
+                    first = recv(_NOBLOCK, copy=False)
                 except zmq.Again:
                     return
                 received += 1
-                try:
-                    seq_frame = recv(_NOBLOCK)
-                    last = recv(_NOBLOCK, copy=False)
-                except zmq.Again:
-                    # A message's frames arrive together: Again inside one means it was short.
-                    self._malformed(source, "live message of fewer than 3 frames")
+                if not first.more:
+                    self._malformed(source, "live message of 1 frame")
                     continue
+                second = recv(_NOBLOCK, copy=False)
+                if not second.more:
+                    self._malformed(source, "live message of 2 frames")
+                    continue
+                last = recv(_NOBLOCK, copy=False)
                 if last.more:
                     while sock.get(_RCVMORE):
                         recv()
                     self._malformed(source, "live message of more than 3 frames")
                     continue
+                if (first.bytes != topic) if topic else len(first):
+                    self.stats["other_topic"] += 1  # a ZeroMQ prefix match on another topic
+                    continue
                 try:
-                    seq = parse_seq(seq_frame)
+                    seq = parse_seq(second.bytes)
                 except FrameError as exc:
                     self._malformed(source, str(exc))
                     continue
-                payload = last.bytes
-                if seq != source.expected or source.replay is not None or source.pending:
-                    self._on_live(source, seq, payload, out)
+                if seq == self._end_seq:
+                    self._malformed(source, "live seq is the END marker")
                     continue
-                # In order with nothing pending: the common case, delivered inline.
-                source.last_live = seq
-                source.expected = seq + 1
-                recent[seq & _RECENT_MASK] = (seq, payload)
+                payload = last.bytes
+                if (
+                    seq != sequencer.expected
+                    or sequencer.outstanding == "replay"
+                    or sequencer.pending
+                    or sequencer.unverified is not None
+                ):
+                    sequencer.live(seq, payload, actions)
+                    self._act(source, actions, out)
+                    actions.clear()
+                    continue
+                # In order with nothing held: the common case, delivered inline.
+                sequencer.last_live = seq
+                sequencer.expected = seq + 1
+                recent[seq & _MASK] = (seq, hash(payload))
                 try:
                     batch = decode(payload)
                 except DecodeError as exc:
@@ -335,195 +386,126 @@ class Subscriber:
                     continue
                 if batch.errors:
                     self._event_errors(source, seq, batch)
-                append(Delivery(seq, batch, index, source.epoch, payload))
+                append(Delivery(seq, batch, index, sequencer.epoch, payload))
                 delivered += 1
         finally:
             if received:
-                source.last_activity = _now()
+                self._heard(source)
             self.stats["delivered"] += delivered
-
-    def _on_live(self, source: Source, seq: int, payload: bytes, out: list[Delivery]) -> None:
-        last_live = source.last_live
-        source.last_live = seq
-        expected = source.expected
-        if seq == expected and source.replay is None:
-            self._deliver(source, seq, payload, out)
-            if source.pending:
-                self._flush_pending(source, out)
-            return
-        if expected is None:
-            self._join_stream(source, seq, payload, out)
-            return
-        if seq < expected:
-            entry = source.recent[seq & _RECENT_MASK]
-            if entry is not None and entry[0] == seq:
-                duplicate = entry[1] == payload  # same seq, other bytes: a new stream
-            else:
-                # Older than the recent window: a live stream lagging behind a replay still
-                # moves forward; a seq at or below the live watermark means a restart.
-                duplicate = last_live is not None and seq > last_live
-            if duplicate:
-                self.stats["duplicates"] += 1
-                return
-            self._restart(source, seq, payload, out)
-            return
-        if source.replay is None:
-            # A gap on the live stream: hold this batch and ask for the missing ones.
-            self.stats["gaps"] += 1
-            self._notice("gap", source, expected=expected, got=seq)
-            source.pending[seq] = payload
-            if not self._request_replay(source, expected):
-                self._give_up(source, out, reason="no replay endpoint")
-            return
-        source.pending[seq] = payload
-        if len(source.pending) > self._max_buffered:
-            self.stats["overflows"] += 1
-            self._notice("overflow", source, buffered=len(source.pending))
-            self._give_up(source, out, reason="live buffer overflow during replay")
-
-    def _join_stream(self, source: Source, seq: int, payload: bytes, out: list[Delivery]) -> None:
-        if seq == 0 or self._join != "start" or source.dealer is None:
-            source.expected = seq
-            self._deliver(source, seq, payload, out)
-            return
-        source.expected = 0
-        source.pending[seq] = payload
-        self._request_replay(source, 0)
-
-    def _restart(self, source: Source, seq: int, payload: bytes, out: list[Delivery]) -> None:
-        self.stats["resets"] += 1
-        self._notice("reset", source, expected=source.expected, got=seq, epoch=source.epoch + 1)
-        source.epoch += 1
-        source.pending.clear()
-        source.recent = [None] * RECENT
-        if source.replay is not None:
-            source.replay = None
-            self._reset_dealer(source)
-        source.expected = None
-        self._join_stream(source, seq, payload, out)
-
-    def _request_replay(self, source: Source, start: int) -> bool:
-        if source.dealer is None or self._join == "none":
-            return False
-        try:
-            source.dealer.send_multipart(self._pack_request(start), _NOBLOCK)
-        except zmq.Again:
-            pass  # not connected yet: the replay timeout retries it
-        source.replay = _Replay(start, time.monotonic() + self._replay_timeout)
-        self.stats["replays_requested"] += 1
-        return True
 
     def _drain_replay(
         self, source: Source, sock: zmq.Socket, out: list[Delivery], budget: int
     ) -> None:
+        parse = self.wire.parse_replay_reply
+        actions: list[tuple[Any, ...]] = []
         for _ in range(budget):
             try:
                 message = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
-            replay = source.replay
-            if replay is None:
+            if source.request is None or source.dealer is not sock:
                 continue  # a late reply to an abandoned request
             try:
-                item = self._parse_reply(message)
+                item = parse(message)
             except FrameError as exc:
                 self._malformed(source, f"replay reply: {exc}")
                 continue
-            replay.deadline = time.monotonic() + self._replay_timeout
-            source.last_activity = time.monotonic()
-            if item.is_end:
-                self._end_replay(source, out)
-                continue
-            assert source.expected is not None
-            if replay.first:
-                replay.first = False
-                if item.seq > source.expected:
-                    self._lost(
-                        source, source.expected, item.seq, "replay began after the requested seq"
+            self._heard(source)
+            source.request.deadline = time.monotonic() + self._replay_timeout
+            sequencer = source.seq
+            if item.is_info:
+                try:
+                    info = self.wire.decode_info(item.payload)
+                except FrameError as exc:
+                    self._malformed(source, str(exc))
+                    continue
+                if info.busy:
+                    self.stats["busy"] += 1
+                    self._notice("busy", source, next_seq=info.next_seq)
+                    source.resend_at = (
+                        time.monotonic() + self._busy_backoff * source.request.attempts
                     )
-                    source.expected = item.seq
-            if item.seq < source.expected:
-                continue
-            if item.seq > source.expected:
-                self._lost(source, source.expected, item.seq, "replay skipped seqs")
-                source.expected = item.seq
-            self.stats["replayed"] += 1
-            source.pending.pop(item.seq, None)
-            self._deliver(source, item.seq, item.payload, out)
+                    continue
+                # Everything the SUB already holds was published before this answer: the
+                # sequencer must see it first to place it in the right instance.
+                assert source.sub is not None
+                self._drain_live(source, source.sub, out, self._max_buffered)
+                kind = source.request.kind if source.request else None
+                sequencer.info(info.instance, info.next_seq, info.oldest_seq, actions)
+                if kind == "info" and sequencer.outstanding != "info":
+                    source.request = None
+            elif item.is_end:
+                source.request = None
+                sequencer.end(actions)
+            else:
+                self.stats["replayed"] += 1
+                sequencer.reply(item.seq, item.payload, actions)
+            self._act(source, actions, out)
+            actions.clear()
+            if source.dealer is not sock:
+                return  # the DEALER was replaced: what is left on this one is stale
 
-    def _end_replay(self, source: Source, out: list[Delivery]) -> None:
-        replay = source.replay
-        assert replay is not None and source.expected is not None
-        source.replay = None
-        self._flush_pending(source, out)
-        progressed = source.expected > replay.start
-        # END only proves we reached the publisher's newest seq when it was asked. Batches
-        # published since then and dropped live (a hole before the buffered ones), or not yet
-        # seen at all (no live batch so far), are still in its buffer: ask again from here.
-        # A replay that brings nothing settles it, so this never loops on a quiet stream.
-        if progressed and (source.pending or source.last_live is None):
-            self._request_replay(source, source.expected)
-            return
-        if source.pending:
-            first = min(source.pending)
-            self._lost(
-                source, source.expected, first, "replay returned nothing before the live stream"
-            )
-            source.expected = first
-            self._flush_pending(source, out)
-        elif not (replay.probe and not progressed):
-            self.stats["repaired"] += 1
-            self._notice("repaired", source, next_seq=source.expected)
+    # -- the sequencer's answers --------------------------------------------------------
 
-    def _flush_pending(self, source: Source, out: list[Delivery]) -> None:
-        pending = source.pending
-        while source.expected in pending:
-            seq = source.expected
-            assert seq is not None
-            self._deliver(source, seq, pending.pop(seq), out)
-
-    def _give_up(self, source: Source, out: list[Delivery], reason: str) -> None:
-        """Stop waiting for a replay: skip to the oldest buffered live batch."""
-        if source.replay is not None:
-            source.replay = None
-            self._reset_dealer(source)
-        while source.pending:
-            assert source.expected is not None
-            first = min(source.pending)
-            self._lost(source, source.expected, first, reason)
-            source.expected = first
-            self._flush_pending(source, out)
-            # Further holes behind the first: ask again from the new position.
-            if source.pending and self._request_replay(source, source.expected):
-                return
-
-    def _next_replay_deadline_ms(self) -> int | None:
-        deadlines = [s.replay.deadline for s in self.sources if s.replay is not None]
-        if not deadlines:
-            return None
-        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
-
-    def _check_replay_timeouts(self, out: list[Delivery]) -> None:
-        now = time.monotonic()
-        for source in self.sources:
-            replay = source.replay
-            if replay is None or now < replay.deadline:
-                continue
-            if replay.attempts < self._replay_attempts and source.expected is not None:
-                attempts = replay.attempts + 1
+    def _act(self, source: Source, actions: list[tuple[Any, ...]], out: list[Delivery]) -> None:
+        stats = self.stats
+        for action in actions:
+            kind = action[0]
+            if kind == DELIVER:
+                self._deliver(source, action[1], action[2], out)
+            elif kind == LOST:
+                stats["history_lost"] += action[2] - action[1] + 1
+                self._notice(
+                    "history_lost", source, first=action[1], last=action[2], reason=action[3]
+                )
+            elif kind == GAP:
+                stats["gaps"] += 1
+                self._notice("gap", source, expected=action[1], got=action[2])
+            elif kind == REPAIRED:
+                stats["repaired"] += 1
+                self._notice("repaired", source, next_seq=action[1])
+            elif kind == RESET:
+                stats["resets"] += 1
+                source.request = None
                 self._reset_dealer(source)
-                self.stats["replay_retries"] += 1
-                self._request_replay(source, source.expected)
-                assert source.replay is not None
-                source.replay.attempts = attempts
-                continue
-            self._give_up(source, out, reason=f"replay timed out after {replay.attempts} attempts")
+                self._notice("reset", source, epoch=action[1], reason=action[2])
+            elif kind == OVERFLOW:
+                stats["overflows"] += 1
+                source.request = None
+                self._reset_dealer(source)
+                self._notice("overflow", source, buffered=action[1])
+            elif kind == REQUEST_REPLAY:
+                stats["replays_requested"] += 1
+                self._send(
+                    source, _Request("replay", action[1], time.monotonic() + self._replay_timeout)
+                )
+            elif kind == REQUEST_INFO:
+                stats["info_requests"] += 1
+                self._send(source, _Request("info", 0, time.monotonic() + self._replay_timeout))
+        sequencer = source.seq
+        stats["duplicates"] += sequencer.duplicates
+        stats["late"] += sequencer.late
+        stats["ambiguous"] += sequencer.ambiguous
+        sequencer.duplicates = sequencer.late = sequencer.ambiguous = 0
 
-    # -- delivery and reporting ------------------------------------------------------------
+    def _send(self, source: Source, request: _Request) -> None:
+        source.request = request
+        source.resend_at = None
+        dealer = source.dealer
+        if dealer is None:
+            return
+        if request.kind == "info":
+            frames = self.wire.pack_info_request()
+        elif source.seq.info_supported:
+            frames = self.wire.pack_replay_request_with_info(request.start)
+        else:
+            frames = self.wire.pack_replay_request(request.start)
+        try:
+            dealer.send_multipart(frames, _NOBLOCK)
+        except zmq.Again:
+            pass  # not connected yet: the request's deadline retries it
 
     def _deliver(self, source: Source, seq: int, payload: bytes, out: list[Delivery]) -> None:
-        source.expected = seq + 1
-        source.recent[seq & _RECENT_MASK] = (seq, payload)
         try:
             batch = self._decode(payload)
         except DecodeError as exc:
@@ -532,7 +514,58 @@ class Subscriber:
         if batch.errors:
             self._event_errors(source, seq, batch)
         self.stats["delivered"] += 1
-        out.append(Delivery(seq, batch, source.index, source.epoch, payload))
+        out.append(Delivery(seq, batch, source.index, source.seq.epoch, payload))
+
+    # -- clocks: request deadlines, busy pauses, idle probes, liveness --------------------
+
+    def _next_deadline_ms(self) -> int | None:
+        times = [s.request.deadline for s in self._sources.values() if s.request is not None]
+        times += [s.resend_at for s in self._sources.values() if s.resend_at is not None]
+        if not times:
+            return None
+        return max(0, int((min(times) - time.monotonic()) * 1000) + 1)
+
+    def _check_clocks(self, out: list[Delivery]) -> None:
+        now = time.monotonic()
+        for source in list(self._sources.values()):
+            request = source.request
+            if request is not None and source.resend_at is not None and now >= source.resend_at:
+                request.deadline = now + self._replay_timeout
+                self._send(source, request)  # after a busy reply; not a failed attempt
+            elif request is not None and now >= request.deadline:
+                if request.attempts < self._replay_attempts:
+                    self._reset_dealer(source)
+                    self.stats["replay_retries"] += 1
+                    attempts = request.attempts + 1
+                    self._send(
+                        source, _Request(request.kind, request.start, now + self._replay_timeout)
+                    )
+                    assert source.request is not None
+                    source.request.attempts = attempts
+                else:
+                    source.request = None
+                    self._reset_dealer(source)
+                    actions: list[tuple[Any, ...]] = []
+                    source.seq.timeout(actions)
+                    self._act(source, actions, out)
+            quiet = now - source.last_activity
+            if self._idle_probe is not None and source.request is None and quiet > self._idle_probe:
+                actions = []
+                if source.seq.probe(actions):
+                    source.last_activity = now
+                    self._act(source, actions, out)
+            if self._stale_after is not None and not source.stale and quiet > self._stale_after:
+                source.stale = True
+                self.stats["stale"] += 1
+                self._notice("stale", source, silent_seconds=round(quiet, 1))
+
+    def _heard(self, source: Source) -> None:
+        source.last_activity = time.monotonic()
+        if source.stale:
+            source.stale = False
+            self._notice("alive", source)
+
+    # -- reporting -----------------------------------------------------------------------
 
     def _decode_failed(self, source: Source, seq: int, exc: DecodeError) -> None:
         self.stats["decode_errors"] += 1
@@ -543,12 +576,6 @@ class Subscriber:
         self._notice(
             "event_errors", source, seq=seq, errors=[(e.index, e.reason) for e in batch.errors]
         )
-
-    def _lost(self, source: Source, first: int, end: int, reason: str) -> None:
-        if end <= first:
-            return
-        self.stats["history_lost"] += end - first
-        self._notice("history_lost", source, first=first, last=end - 1, reason=reason)
 
     def _malformed(self, source: Source, reason: str) -> None:
         self.stats["malformed"] += 1

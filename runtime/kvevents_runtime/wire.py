@@ -19,7 +19,7 @@ RingEntry = tuple[int, bytes, bytes]
 
 
 class ReplayReply(Protocol):
-    """One replay reply as a DEALER receives it."""
+    """One replay reply as a DEALER receives it: a batch, the END marker or an info reply."""
 
     @property
     def seq(self) -> int: ...
@@ -29,6 +29,21 @@ class ReplayReply(Protocol):
 
     @property
     def is_end(self) -> bool: ...
+
+    @property
+    def is_info(self) -> bool: ...
+
+
+class Info(Protocol):
+    """What an info reply says (AsyncAPI PublisherInfo)."""
+
+    instance: bytes
+    next_seq: int
+    oldest_seq: int
+    topic: str
+    dialect: str
+    schema_version: str
+    busy: bool
 
 
 class LiveChunkSender(Protocol):
@@ -71,10 +86,21 @@ class Wire:
 
     parse_seq: Callable[[bytes], int]
     """A live seq frame to its int; raises the runtime's FrameError when malformed."""
+    end_seq: int
+    """The END marker's seq, which no batch carries; as a replay start, the info request."""
+    schema_version: str
     pack_replay_request: Callable[[int], tuple[bytes, ...]]
-    parse_replay_request: Callable[[Frames], tuple[bytes, int]]
-    """`(identity, start)` of a request as the ROUTER receives it; raises FrameError."""
+    pack_replay_request_with_info: Callable[[int], tuple[bytes, ...]]
+    pack_info_request: Callable[[], tuple[bytes, ...]]
+    parse_replay_request: Callable[[Frames], tuple[bytes, int, bool]]
+    """`(identity, start, with_info)` of a request as the ROUTER receives it; raises FrameError."""
     parse_replay_reply: Callable[[Frames], ReplayReply]
+    pack_info_reply: Callable[[bytes, bytes, bytes, bool], tuple[bytes, ...]]
+    """`(identity, topic, info payload, with_topic)` to the info reply's frames."""
+    new_info: Callable[..., Info]
+    encode_info: Callable[[Any], bytes]
+    decode_info: Callable[[bytes], Info]
+    """An info payload; raises FrameError when it is not one."""
     send_live_chunk: LiveChunkSender
     replay_senders: Mapping[bool, ReplayChunkSender]
     """The replay chunk sender by reply shape: True sends the topic frame, False does not."""

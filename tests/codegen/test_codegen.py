@@ -102,5 +102,15 @@ def test_asyncapi_document_describes_every_frame_layout() -> None:
     doc = json.loads((ROOT / "schema" / "kvevents.asyncapi.json").read_text())
     assert doc["asyncapi"].startswith("3.0")
     kinds = {f["kind"] for m in doc["components"]["messages"].values() for f in m["x-frames"]}
-    assert kinds <= {"topic", "seq", "payload", "empty", "any", "start_seq", "end_seq"}
+    assert kinds <= {
+        "topic",
+        "seq",
+        "payload",
+        "empty",
+        "any",
+        "start_seq",
+        "end_seq",
+        "info_flag",
+        "info",
+    }
     assert kvevents.frames.END_SEQ.hex() == doc["x-constants"]["END_SEQ"]["hex"]

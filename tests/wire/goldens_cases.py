@@ -171,6 +171,15 @@ DECODE: dict[str, Any] = {
     "integer_ts": [2, [["AllBlocksCleared"]], None],
 }
 
+INFO = frames.PublisherInfo(
+    instance=bytes(range(16)),
+    next_seq=12,
+    oldest_seq=2,
+    topic="kv",
+    dialect="vllm",
+    schema_version="0.2.0",
+)
+
 REJECTS: dict[str, tuple[Any, dict[str, Any]]] = {
     "unknown_tag_beside_good": (
         [1.5, [{"type": "Bogus", "x": 1}, _STORED_MAP], 0],
@@ -285,6 +294,16 @@ def build() -> dict[str, str]:
         },
         "replay_end_without_topic": {
             "frames": frames.pack_replay_end_without_topic(b"id"),
+            "as_router_sends": True,
+        },
+        "info_request_dealer": {"frames": frames.pack_info_request()},
+        "replay_request_with_info_dealer": {"frames": frames.pack_replay_request_with_info(10)},
+        "info_reply_with_topic": {
+            "frames": frames.pack_info_reply_with_topic(b"id", b"kv", frames.encode_info(INFO)),
+            "as_router_sends": True,
+        },
+        "info_reply_without_topic": {
+            "frames": frames.pack_info_reply_without_topic(b"id", frames.encode_info(INFO)),
             "as_router_sends": True,
         },
     }

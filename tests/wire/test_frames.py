@@ -36,9 +36,38 @@ def test_start_seq_longer_than_8_bytes_is_invalid() -> None:
 
 def test_dealer_request_and_router_view() -> None:
     assert frames.pack_replay_request(10) == (b"", b"\x00" * 7 + b"\x0a")
-    assert frames.parse_replay_request([b"id", b"", b"\x00\x0a"]) == (b"id", 10)
+    assert frames.parse_replay_request([b"id", b"", b"\x00\x0a"]) == (b"id", 10, False)
     with pytest.raises(FrameError):
         frames.parse_replay_request([b"id", b"\x00\x0a"])
+    with pytest.raises(FrameError):
+        frames.parse_replay_request([b"id", b"", b"\x0a", b"nope"])
+
+
+def test_info_request_and_reply_frames() -> None:
+    """The info request is a replay request from END_SEQ: what vLLM's and SGLang's own
+    publishers answer with a bare END marker; kvevents answers END_SEQ + PublisherInfo."""
+    request = frames.pack_info_request()
+    assert request == (b"", frames.END_SEQ)
+    assert frames.parse_replay_request([b"id", *request]) == (b"id", frames.END_SEQ_INT, False)
+    flagged = frames.pack_replay_request_with_info(7)
+    assert frames.parse_replay_request([b"id", *flagged]) == (b"id", 7, True)
+    info = frames.PublisherInfo(
+        instance=b"i" * 16,
+        next_seq=9,
+        oldest_seq=2,
+        topic="kv",
+        dialect="vllm",
+        schema_version=frames.SCHEMA_VERSION,
+    )
+    for reply in (
+        frames.pack_info_reply_with_topic(b"id", b"kv", frames.encode_info(info)),
+        frames.pack_info_reply_without_topic(b"id", frames.encode_info(info)),
+    ):
+        item = frames.parse_replay_reply(reply[1:])
+        assert item.is_info and not item.is_end
+        assert frames.decode_info(item.payload) == info
+    with pytest.raises(FrameError):
+        frames.decode_info(b"\x93\x01\x02\x03")
 
 
 def test_both_reply_shapes_and_end_markers() -> None:
@@ -61,7 +90,7 @@ def test_both_reply_shapes_and_end_markers() -> None:
     [
         [b"", b"kv"],
         [b"x", b"\x00" * 8, b"p"],
-        [b"", frames.END_SEQ, b"payload"],
+        [b"", b"\x00" * 7, b"payload"],
         [b"", b"", b"", b"", b""],
     ],
 )

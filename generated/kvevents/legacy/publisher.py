@@ -24,6 +24,7 @@ from .config import KVEventsConfig
 from .structs import EventBatch
 
 logger = logging.getLogger("kvevents.legacy")
+DIALECT = "legacy"
 
 _PUBLISHER_ARGS = (
     "endpoint",
@@ -115,6 +116,7 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
             block_timeout,
             with_topic,
             shutdown_timeout,
+            dialect=DIALECT,
         )
 
     def publish(self, events: EventBatch) -> None:

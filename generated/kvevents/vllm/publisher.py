@@ -26,6 +26,7 @@ from .config import KVEventsConfig
 from .structs import EventBatch
 
 logger = logging.getLogger("kvevents.vllm")
+DIALECT = "vllm"
 
 
 def _bind_node_ip(endpoint: str) -> str:
@@ -129,7 +130,8 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
             block_timeout,
             with_topic,
             shutdown_timeout,
-            _bind_node_ip,
+            resolve_ephemeral=_bind_node_ip,
+            dialect=DIALECT,
         )
         # As vLLM 0.33.0: the configured endpoints (wildcards kept), ephemeral ports resolved.
         self._config = KVEventsConfig(

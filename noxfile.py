@@ -73,10 +73,26 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def contract(session: nox.Session) -> None:
+    """The delivery contract over 100,000 randomized fault schedules per publisher kind (the
+    test suite runs 10,000); `nox -s contract -- N` sets the number."""
+    session.install(*TEST)
+    examples = session.posargs[0] if session.posargs else "100000"
+    session.run(
+        "pytest",
+        "tests/runtime/test_contract.py",
+        "-q",
+        "--timeout",
+        "3600",
+        env={"KVEVENTS_CONTRACT_EXAMPLES": examples},
+    )
+
+
+@nox.session(python=PYTHON)
 def update_goldens(session: nox.Session) -> None:
     """Rewrite tests/goldens/ from the current code: review the diff before committing."""
     session.install(*TEST)
-    session.run("pytest", "tests/test_goldens.py", "--update-goldens")
+    session.run("pytest", "tests/wire/test_goldens.py", "--update-goldens")
 
 
 @nox.session(python=PYTHON)

@@ -259,6 +259,7 @@ def render_all(model: Model | None = None) -> dict[Path, str]:
         seq_size=model.constants["SEQ_SIZE"]["value"],
     )
     package("wire.py", asyncapi_src, dialects=model.dialects)
+    package("aio.py", asyncapi_src)
     package("__init__.py", events_src, events=model.events, dialects=model.dialects)
     package("__main__.py", None)
 

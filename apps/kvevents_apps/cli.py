@@ -4,6 +4,7 @@ whole plane on loopback and shows a gap and a restart repaired."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any, Literal
@@ -63,13 +64,29 @@ def tap(args: argparse.Namespace) -> int:
     encoder = msgspec.json.Encoder(enc_hook=_json_default)
     write = sys.stdout.buffer.write
     join: Literal["start", "first_seen"] = "start" if args.from_start else "first_seen"
+    for endpoint in (args.endpoint, args.replay):
+        host = endpoint.partition("://")[2].rpartition(":")[0] if endpoint else ""
+        if host in ("*", "0.0.0.0", "[::]", "::"):
+            print(
+                f"kvevents: {endpoint} is the publisher's bind address; tap connects: give the "
+                f"publisher's host, e.g. {endpoint.replace(host, '127.0.0.1')} on the same machine",
+                file=sys.stderr,
+            )
+            return 2
     with Subscriber(
-        args.endpoint, args.replay, args.topic, join=join, on_notice=_stderr_notice
+        args.endpoint,
+        args.replay,
+        args.topic,
+        join=join,
+        on_notice=_stderr_notice,
+        stale_after=args.silent or None,
     ) as sub:
         started = time.monotonic()
         seen = 0
         while True:
             deliveries = sub.poll(0.5)
+            if args.count:
+                deliveries = deliveries[: args.count - seen]
             for delivery in deliveries:
                 seq, batch = delivery
                 dialect = sniff_dialect(delivery.payload)
@@ -123,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="exit 1 if nothing arrives within this many seconds",
     )
+    p_tap.add_argument(
+        "--silent",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="warn on stderr when a source says nothing for this long (0: never; default 10)",
+    )
     p_tap.set_defaults(func=tap)
     p_demo = commands.add_parser("demo", help="publish and repair a synthetic stream on loopback")
     p_demo.add_argument(
@@ -146,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`kvevents tap ... | head`): exit quietly. Python flushes
+        # stdout again at exit, so point it at devnull first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
   dialect)` writes one in vllm, sglang, legacy.
 - `kvevents.vllm`, `kvevents.sglang`, `kvevents.legacy`: drop-in struct and publisher
   imports of vLLM 0.33.0, SGLang 0.5.23, SGLang 0.4.7-0.5.6.
-- `Subscriber`: in-order batches with gaps repaired by replay.
+- `Subscriber`: in-order batches with gaps repaired by replay; `kvevents.aio.Subscriber`
+  the same, awaited; `SubscriberCollector` / `PublisherCollector` for Prometheus.
 - `schema_path()`: the directory of the JSON Schema and AsyncAPI documents.
 
 `import kvevents` loads msgspec only: the subscriber, the publishers and their config
@@ -40,6 +41,7 @@ from .events import (
 )
 
 if TYPE_CHECKING:
+    from kvevents_runtime.metrics import PublisherCollector, SubscriberCollector
     from kvevents_runtime.subscriber import Delivery, Notice
 
     from . import legacy as legacy
@@ -53,8 +55,10 @@ _LAZY = {
     "Subscriber": "kvevents.wire",
     "Notice": "kvevents_runtime.subscriber",
     "Delivery": "kvevents_runtime.subscriber",
+    "SubscriberCollector": "kvevents_runtime.metrics",
+    "PublisherCollector": "kvevents_runtime.metrics",
 }
-_SUBMODULES = frozenset({"vllm", "sglang", "legacy", "frames", "loops", "wire"})
+_SUBMODULES = frozenset({"vllm", "sglang", "legacy", "aio", "frames", "loops", "wire"})
 
 
 def __getattr__(name: str) -> Any:
@@ -96,7 +100,9 @@ __all__ = [
     "KVEventBatch",
     "KVEventsError",
     "Notice",
+    "PublisherCollector",
     "Subscriber",
+    "SubscriberCollector",
     "Token",
     "TokenId",
     "decode",

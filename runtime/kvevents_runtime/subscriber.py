@@ -586,6 +586,10 @@ class Subscriber:
 
     # -- teardown -----------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         if self._closed:
             return

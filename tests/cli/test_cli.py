@@ -88,3 +88,65 @@ def test_sniff_dialect():
     assert sniff_dialect(bytes.fromhex(sglang)) == "sglang"
     assert sniff_dialect(bytes.fromhex(vllm_removed)) == "vllm"
     assert sniff_dialect(b"garbage") == "unknown"
+
+
+def _publish(publisher, count: int) -> None:
+    for n in range(count):
+        publisher.publish(
+            vllm.KVEventBatch(ts=1.0, events=[vllm.BlockRemoved(block_hashes=[n], medium=None)])
+        )
+
+
+def test_tap_count_is_exact_and_a_closed_pipe_ends_it_quietly(publishers):
+    publisher = vllm.ZmqEventPublisher(
+        0, endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0"
+    )
+    publishers.append(publisher)
+    _publish(publisher, 50)
+    time.sleep(0.2)
+    tap = [
+        *KVEVENTS,
+        "tap",
+        publisher.connect_endpoint,
+        "--replay",
+        publisher.connect_replay_endpoint,
+        "--from-start",
+    ]
+    exact = subprocess.run([*tap, "--count", "7"], capture_output=True, text=True, timeout=30)
+    assert exact.returncode == 0, exact.stderr
+    assert [json.loads(line)["seq"] for line in exact.stdout.splitlines()] == list(range(7))
+    # `| head -1`: the reader closes the pipe after one line.
+    with subprocess.Popen(
+        [*tap, "--count", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
+        assert proc.stdout is not None and proc.stdout.readline()
+        proc.stdout.close()
+        assert proc.wait(30) == 0
+        assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
+
+
+def test_tap_explains_a_bind_address_and_warns_when_silent(publishers):
+    wildcard = subprocess.run(
+        [*KVEVENTS, "tap", "tcp://*:5557"], capture_output=True, text=True, timeout=30
+    )
+    assert wildcard.returncode == 2 and "tcp://127.0.0.1:5557" in wildcard.stderr
+    publisher = vllm.ZmqEventPublisher(0, endpoint="tcp://127.0.0.1:0")
+    publishers.append(publisher)
+    silent = subprocess.run(
+        [*KVEVENTS, "tap", publisher.connect_endpoint, "--silent", "0.5", "--timeout", "1.5"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert silent.returncode == 1 and "stale source=0" in silent.stderr
+
+
+def test_demo_is_right_for_tiny_runs_and_a_clean_join_says_nothing_spurious():
+    for batches in ("1", "10"):
+        result = subprocess.run(
+            [*KVEVENTS, "demo", "--batches", batches], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "lost = 0" in result.stdout and f"batches delivered  {batches}," in result.stdout
+        notices = [line for line in result.stderr.splitlines() if "notice:" in line]
+        assert [n for n in notices if "reset" not in n] == [], notices

@@ -1,0 +1,69 @@
+"""What a router builds on: Prometheus metrics and the asyncio subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import kvevents
+from kvevents import vllm
+
+LOOPBACK = "tcp://127.0.0.1:0"
+
+
+def _batch(n: int) -> vllm.KVEventBatch:
+    return vllm.KVEventBatch(ts=float(n), events=[vllm.BlockRemoved(block_hashes=[n], medium=None)])
+
+
+def test_prometheus_metrics_read_the_live_counters(publishers) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client", reason="the metrics extra")
+    publisher = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK)
+    publishers.append(publisher)
+    registry = prometheus_client.CollectorRegistry()
+    with kvevents.Subscriber(publisher.connect_endpoint, publisher.connect_replay_endpoint) as sub:
+        registry.register(kvevents.SubscriberCollector(sub))
+        registry.register(kvevents.PublisherCollector(publisher))
+        for n in range(5):
+            publisher.publish(_batch(n))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sub.stats["delivered"] < 5:
+            sub.poll(0.05)
+        text = prometheus_client.generate_latest(registry).decode()
+    assert "kvevents_subscriber_delivered_total 5.0" in text
+    assert 'kvevents_subscriber_source_next_seq{endpoint="' in text and "} 5.0" in text
+    assert "kvevents_subscriber_source_info_supported{" in text
+    assert f'kvevents_publisher_published_total{{endpoint="{publisher.endpoint}"}} 5.0' in text
+    assert f'kvevents_publisher_next_seq{{endpoint="{publisher.endpoint}"}} 5.0' in text
+
+
+def test_the_asyncio_subscriber_keeps_the_contract(publishers) -> None:
+    publisher = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK)
+    publishers.append(publisher)
+    for n in range(10):
+        publisher.publish(_batch(n))
+
+    async def main() -> list:
+        got = []
+        async with kvevents.aio.Subscriber(
+            publisher.connect_endpoint, publisher.connect_replay_endpoint
+        ) as sub:
+
+            async def read() -> None:
+                async for delivery in sub:
+                    got.append(delivery)
+                    if len(got) == 20:
+                        return
+
+            reader = asyncio.create_task(read())
+            await asyncio.sleep(0.2)
+            for n in range(10, 20):
+                publisher.publish(_batch(n))
+            await asyncio.wait_for(reader, 15)
+            assert sub.stats["delivered"] == 20
+        return got
+
+    got = asyncio.run(main())
+    assert [d.seq for d in got] == list(range(20))
+    assert [d.batch.ts for d in got] == [float(n) for n in range(20)]

@@ -30,7 +30,7 @@ JoinPolicy = Literal["start", "first_seen", "none"]
 DELIVER = "deliver"
 """(DELIVER, seq, payload)"""
 LOST = "history_lost"
-"""(LOST, first, last, reason): first..last inclusive, in the current epoch."""
+"""(LOST, first, last, reason, epoch): first..last inclusive, in that epoch."""
 RESET = "reset"
 """(RESET, new epoch, reason)"""
 GAP = "gap"
@@ -46,6 +46,17 @@ OVERFLOW = "overflow"
 
 RECENT = 4096
 _MASK = RECENT - 1
+
+
+def _in_arrival_order(*parts: dict[int, bytes]) -> dict[int, bytes]:
+    """Held batches from oldest to newest arrival; a seq that arrived again (another
+    instance's batch under it) takes its later place."""
+    merged: dict[int, bytes] = {}
+    for part in parts:
+        for seq, payload in part.items():
+            merged.pop(seq, None)
+            merged[seq] = payload
+    return merged
 
 
 class Sequencer:
@@ -66,10 +77,12 @@ class Sequencer:
         "outstanding",
         "pending",
         "gap_open",
+        "held",
         "late",
         "recent",
         "replay_first",
         "replay_progress",
+        "suspect",
         "unverified",
         "want_replay",
     )
@@ -107,6 +120,10 @@ class Sequencer:
         The wire carries no instance id, and batches of the old instance can still arrive; a
         replayed batch with the same seq and bytes proves one is the new instance's (and so is
         everything that arrived after it), other bytes prove it is the old one's."""
+        self.suspect = False
+        self.held: dict[int, bytes] = {}
+        """While `suspect`: live batches since the live socket reconnected, in arrival order,
+        held until the publisher says whether it is still the same instance."""
         self.duplicates = 0
         self.ambiguous = 0
         """Held batches that could be placed in neither instance (reported lost or dropped)."""
@@ -121,7 +138,29 @@ class Sequencer:
             self.expected = 0
             self._repair(out)
 
+    def reconnected(self, out: list[tuple[Any, ...]]) -> None:
+        """The live socket lost its connection (and makes a new one): the publisher may come
+        back as a new instance whose first batch carries exactly the seq the old stream
+        expects next. Live batches are held until the publisher says who it is."""
+        if (
+            self.suspect
+            or self.info_supported is False
+            or not self.can_replay
+            or self.expected is None
+        ):
+            return
+        self.suspect = True
+        self.held = {}
+        if self.outstanding is None:
+            self.outstanding = "info"
+            out.append((REQUEST_INFO,))
+
     def live(self, seq: int, payload: bytes, out: list[tuple[Any, ...]]) -> None:
+        if self.suspect:
+            if len(self.held) < self.max_buffered:
+                self.held.pop(seq, None)
+                self.held[seq] = payload
+            return
         last_live = self.last_live
         self.last_live = seq
         expected = self.expected
@@ -204,15 +243,17 @@ class Sequencer:
             return
         self.instance = instance
         if header:
+            self._release(out)
             return
         self.want_replay = False
         if self.expected is None:
             return
-        if self.pending or self.unverified or self.expected < next_seq:
+        if self.pending or self.unverified or self.held or self.expected < next_seq:
             self._request_replay(out)
         elif self.gap_open:
             self.gap_open = False
             out.append((REPAIRED, self.expected))
+        self._release(out)
 
     def reply(self, seq: int, payload: bytes, out: list[tuple[Any, ...]]) -> None:
         """One replayed batch of the replay in flight. A replay starts one seq early when that
@@ -251,6 +292,7 @@ class Sequencer:
             self.info_supported = False
             if self.expected is not None and (self.want_replay or self.pending):
                 self._request_replay(out)
+            self._release(out)
             return
         if self.outstanding != "replay":
             return
@@ -284,6 +326,10 @@ class Sequencer:
         if self.gap_open:
             self.gap_open = False
             out.append((REPAIRED, self.expected))
+        if self.suspect:
+            # The session's header came before the reconnect: ask who the publisher is now.
+            self.outstanding = "info"
+            out.append((REQUEST_INFO,))
 
     def timeout(self, out: list[tuple[Any, ...]]) -> None:
         """The request in flight got no answer after its retries: stop waiting for it."""
@@ -298,6 +344,7 @@ class Sequencer:
             self._flush(out)
         self.gap_open = False
         self.want_replay = False
+        self._release(out)
 
     def probe(self, out: list[tuple[Any, ...]]) -> bool:
         """The source was quiet: ask whether the publisher has anything not yet seen (a tail
@@ -317,6 +364,15 @@ class Sequencer:
         self.outstanding = None
 
     # -- internals ----------------------------------------------------------------------
+
+    def _release(self, out: list[tuple[Any, ...]]) -> None:
+        """The instance is settled: what was held since the reconnect is live input again."""
+        if not self.suspect:
+            return
+        self.suspect = False
+        held, self.held = self.held, {}
+        for seq, payload in held.items():
+            self.live(seq, payload, out)
 
     def _join(self, seq: int, payload: bytes, out: list[tuple[Any, ...]]) -> None:
         if seq == 0 or self.join != "start" or not self.can_replay:
@@ -372,11 +428,11 @@ class Sequencer:
         for seq in sorted(s for s in self.pending if s < target):
             payload = self.pending.pop(seq)
             if seq > missing_from:
-                out.append((LOST, missing_from, seq - 1, reason))
+                out.append((LOST, missing_from, seq - 1, reason, self.epoch))
             self._deliver(seq, payload, out)
             missing_from = seq + 1
         if target > missing_from:
-            out.append((LOST, missing_from, target - 1, reason))
+            out.append((LOST, missing_from, target - 1, reason, self.epoch))
         self.expected = target
 
     def _place(self, seq: int, payload: bytes) -> None:
@@ -412,15 +468,23 @@ class Sequencer:
                 # Which instance sent a held batch is unknown (the live wire carries no id, and
                 # an unseen instance may have come and gone): the old epoch reports them lost,
                 # and the new instance's replay places those that are its own.
-                held = {**(self.unverified or {}), **self.pending}
+                held = _in_arrival_order(self.unverified or {}, self.pending, self.held)
             end = max(self.known_next, max(held) + 1 if held else 0)
             if end > self.expected:
                 out.append(
-                    (LOST, self.expected, end - 1, "not received before the publisher restarted")
+                    (
+                        LOST,
+                        self.expected,
+                        end - 1,
+                        "not received before the publisher restarted",
+                        self.epoch,
+                    )
                 )
                 self.expected = end
         self.pending.clear()
         self.known_next = 0
+        self.suspect = False
+        self.held = {}
         self.outstanding = None
         self.want_replay = False
         self.gap_open = False

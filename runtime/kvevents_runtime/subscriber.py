@@ -24,10 +24,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .endpoints import attach
 from .errors import DecodeError, FrameError
@@ -137,6 +138,8 @@ class Source:
         self.stale = False
         self.sub: zmq.Socket | None = None
         self.dealer: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
+        """The SUB's connection events: a lost connection may bring back a new instance."""
 
     @property
     def epoch(self) -> int:
@@ -206,7 +209,7 @@ class Subscriber:
         self._ctx = context or zmq.Context.instance()
         self._rcvhwm = rcvhwm
         self._poller = zmq.Poller()
-        self._owners: dict[zmq.Socket, tuple[Source, bool]] = {}
+        self._owners: dict[zmq.Socket, tuple[Source, str]] = {}
         self._sources: dict[int, Source] = {}
         self._next_index = 0
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
@@ -242,8 +245,13 @@ class Subscriber:
         sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         source.sub = sub
         self._sources[source.index] = source
-        self._owners[sub] = (source, False)
+        self._owners[sub] = (source, "live")
         self._poller.register(sub, zmq.POLLIN)
+        if replay_endpoint is not None:
+            monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            source.monitor = monitor
+            self._owners[monitor] = (source, "monitor")
+            self._poller.register(monitor, zmq.POLLIN)
         attach(sub, endpoint, bind=False)
         if replay_endpoint is not None:
             self._open_dealer(source)
@@ -259,19 +267,19 @@ class Subscriber:
         removed = self._sources.pop(index, None)
         if removed is None:
             return
-        for sock in (removed.sub, removed.dealer):
+        for sock in (removed.monitor, removed.sub, removed.dealer):
             if sock is not None:
                 self._poller.unregister(sock)
                 self._owners.pop(sock, None)
                 sock.close(linger=0)
-        removed.sub = removed.dealer = None
+        removed.sub = removed.dealer = removed.monitor = None
 
     def _open_dealer(self, source: Source) -> None:
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.RCVHWM, 0)
         source.dealer = dealer
-        self._owners[dealer] = (source, True)
+        self._owners[dealer] = (source, "replay")
         self._poller.register(dealer, zmq.POLLIN)
         assert source.replay_endpoint is not None
         attach(dealer, source.replay_endpoint, bind=False)
@@ -301,15 +309,19 @@ class Subscriber:
         if deadline_ms is not None:
             wait_ms = deadline_ms if wait_ms is None else min(wait_ms, deadline_ms)
         ready = self._poller.poll(wait_ms)
+        # Connection events first: a lost connection must be known before what came after it.
+        ready.sort(key=lambda pair: self._owners.get(pair[0], (None, ""))[1] != "monitor")
         for sock, _ in ready:
             owner = self._owners.get(sock)
             if owner is None:
                 continue  # a DEALER replaced earlier in this round
-            source, is_replay = owner
-            if is_replay:
+            source, kind = owner
+            if kind == "replay":
                 self._drain_replay(source, sock, out, max_messages)
-            else:
+            elif kind == "live":
                 self._drain_live(source, sock, out, max_messages)
+            else:
+                self._drain_monitor(source, out)
         self._check_clocks(out)
         return out
 
@@ -330,6 +342,9 @@ class Subscriber:
         sequencer = source.seq
         recent = sequencer.recent
         index = source.index
+        monitor = source.monitor
+        if monitor is not None and cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._drain_monitor(source, out)
         received = 0
         delivered = 0
         actions: list[tuple[Any, ...]] = []
@@ -392,6 +407,21 @@ class Subscriber:
             if received:
                 self._heard(source)
             self.stats["delivered"] += delivered
+
+    def _drain_monitor(self, source: Source, out: list[Delivery]) -> None:
+        monitor = source.monitor
+        assert monitor is not None
+        lost = False
+        while True:
+            try:
+                event = recv_monitor_message(monitor, _NOBLOCK)
+            except zmq.Again:
+                break
+            lost = lost or event["event"] == zmq.EVENT_DISCONNECTED
+        if lost:
+            actions: list[tuple[Any, ...]] = []
+            source.seq.reconnected(actions)
+            self._act(source, actions, out)
 
     def _drain_replay(
         self, source: Source, sock: zmq.Socket, out: list[Delivery], budget: int
@@ -456,7 +486,12 @@ class Subscriber:
             elif kind == LOST:
                 stats["history_lost"] += action[2] - action[1] + 1
                 self._notice(
-                    "history_lost", source, first=action[1], last=action[2], reason=action[3]
+                    "history_lost",
+                    source,
+                    first=action[1],
+                    last=action[2],
+                    reason=action[3],
+                    epoch=action[4],
                 )
             elif kind == GAP:
                 stats["gaps"] += 1

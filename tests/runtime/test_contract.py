@@ -82,6 +82,8 @@ class World:
         """The instance whose message the sequencer is handling now."""
         self.epoch_of = 0
         """The instance the subscriber's current epoch was opened for (the truth)."""
+        self.wire_instance = 0
+        """The instance whose connection the live socket is on."""
 
     @property
     def current(self) -> Instance:
@@ -120,14 +122,16 @@ class World:
             return
         seq, payload = self.wire.pop(0)
         ident = owner(payload)[0]
-        # A new instance's batch arriving with exactly the seq the old stream expects next,
-        # before anything revealed the restart, is indistinguishable on the live wire (it
-        # carries no instance id): the contract states this limit, and the schedule leaves
-        # that message out rather than check the unknowable.
-        if ident > self.epoch_instance() and seq == self.seq.expected:
-            return
-        self.note(payload)
         out: list[tuple] = []
+        if ident > self.wire_instance:
+            # A newer instance's batches come over a new connection: the SUB's monitor
+            # reports the old one's loss before any of them arrives.
+            self.wire_instance = ident
+            self.source = ident
+            self.seq.reconnected(out)
+            self.run(out)
+            out = []
+        self.note(payload)
         self.source = ident
         self.seq.live(seq, payload, out)
         self.run(out)
@@ -229,6 +233,9 @@ def check(world: World) -> None:
             delivered[epoch].append(seq)
         elif kind == LOST:
             assert action[1] <= action[2], action
+            assert action[4] == epoch, (
+                f"a lost range tagged epoch {action[4]} reported in epoch {epoch}"
+            )
             lost[epoch].append((action[1], action[2]))
         else:
             assert kind in (GAP, REPAIRED, REQUEST_INFO, REQUEST_REPLAY, OVERFLOW), action

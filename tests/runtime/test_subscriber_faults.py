@@ -4,11 +4,14 @@ removing a source."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import msgspec
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kvevents
 from kvevents import Subscriber, frames, vllm
@@ -237,3 +240,98 @@ def test_a_flood_of_bad_events_is_one_decode_error() -> None:
         kvevents.decode(payload)
     few = b"\x93\xcb" + b"\x00" * 8 + b"\x92\x90\x90\xc0"
     assert len(kvevents.decode(few).errors) == 2
+
+
+@settings(
+    max_examples=int(os.environ.get("KVEVENTS_REAL_SCHEDULES", "8")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    schedule=st.lists(
+        st.one_of(
+            st.tuples(st.just("publish"), st.integers(1, 40)),
+            st.tuples(st.just("stall"), st.integers(50, 400)),  # published while nobody reads
+            st.tuples(st.just("restart"), st.sampled_from([8, 64, 10_000])),
+            st.tuples(st.just("poll"), st.integers(1, 5)),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_the_contract_holds_with_the_real_publisher(schedule) -> None:
+    """The contract of test_contract.py, with real sockets: a kvevents publisher with a tiny
+    HWM (the PUB drops while the subscriber stalls), restarted on the same ports at random with
+    buffers that may not reach back. Each batch's ts names its instance and seq."""
+    instance = 0
+    buffer_steps = 10_000
+    publisher = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, hwm=20, buffer_steps=buffer_steps)
+    live, replay = publisher.connect_endpoint, publisher.connect_replay_endpoint
+    notices: list = []
+    got: list = []
+    sent = [0]
+
+    def publish(count: int) -> None:
+        for _ in range(count):
+            publisher.publish(batch(sent[instance], instance))
+            sent[instance] += 1
+
+    try:
+        with Subscriber(live, replay, on_notice=notices.append, rcvhwm=20, idle_probe=0.2) as sub:
+            for step in schedule:
+                if step[0] == "publish":
+                    publish(step[1])
+                    got += sub.poll(0.01)
+                elif step[0] == "stall":
+                    publish(step[1])
+                    time.sleep(0.05)
+                elif step[0] == "restart":
+                    publisher.shutdown()
+                    instance += 1
+                    sent.append(0)
+                    publisher = vllm.ZmqEventPublisher(
+                        0, live, replay, hwm=20, buffer_steps=step[1]
+                    )
+                else:
+                    for _ in range(step[1]):
+                        got += sub.poll(0.02)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                got += sub.poll(0.05)
+                if sub.sources[0].expected == sent[instance] and sub.sources[0].request is None:
+                    break
+            final_expected = sub.sources[0].expected
+            final_epoch = sub.sources[0].epoch
+    finally:
+        publisher.shutdown()
+    epoch_owner: dict[int, int] = {}
+    by_epoch: dict[int, list[int]] = {}
+    for delivery in got:
+        owner, seq = divmod(int(delivery.batch.ts), 1_000_000)
+        assert seq == delivery.seq, "a seq delivered with another seq's batch"
+        assert epoch_owner.setdefault(delivery.epoch, owner) == owner, "an epoch mixes instances"
+        by_epoch.setdefault(delivery.epoch, []).append(seq)
+    owners = [epoch_owner[e] for e in sorted(epoch_owner)]
+    assert owners == sorted(set(owners))
+    for seqs in by_epoch.values():
+        assert seqs == sorted(set(seqs)), "deliveries out of order or twice"
+    lost: dict[int, set[int]] = {}
+    for notice in notices:
+        if notice.kind == "history_lost":
+            span = set(range(notice.detail["first"], notice.detail["last"] + 1))
+            epoch_lost = lost.setdefault(notice.detail["epoch"], set())
+            assert not span & epoch_lost, "lost ranges overlap"
+            assert not span & set(by_epoch.get(notice.detail["epoch"], [])), (
+                "a lost seq was delivered"
+            )
+            epoch_lost |= span
+    resets = sum(n.kind == "reset" for n in notices)
+    assert resets <= instance
+    assert final_expected == sent[instance], (
+        f"the last instance's stream ended at {final_expected} of {sent[instance]}"
+    )
+    if epoch_owner.get(final_epoch) == instance:
+        covered = set(by_epoch[final_epoch]) | lost.get(final_epoch, set())
+        assert covered >= set(range(sent[instance])), (
+            "a seq of the last instance neither delivered nor lost"
+        )

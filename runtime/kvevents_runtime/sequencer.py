@@ -23,9 +23,12 @@ epoch rather than guessed (`ambiguous`), and the new instance's replay brings th
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import functools
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 JoinPolicy = Literal["start", "first_seen", "none"]
+R = TypeVar("R")
 
 DELIVER = "deliver"
 """(DELIVER, seq, payload)"""
@@ -46,6 +49,26 @@ OVERFLOW = "overflow"
 
 RECENT = 4096
 _MASK = RECENT - 1
+
+
+def _settles(method: Callable[..., R]) -> Callable[..., R]:
+    """After an input is handled, recompute `inline`: whether the next live batch, if it
+    carries the expected seq, can be delivered without the sequencer (the subscriber's fast
+    path). Only the slow path pays for this."""
+
+    @functools.wraps(method)
+    def settled(self: Sequencer, *args: Any) -> R:
+        try:
+            return method(self, *args)
+        finally:
+            self.inline = not (
+                self.outstanding == "replay"
+                or self.pending
+                or self.unverified is not None
+                or self.suspect
+            )
+
+    return settled
 
 
 def _in_arrival_order(*parts: dict[int, bytes]) -> dict[int, bytes]:
@@ -69,6 +92,7 @@ class Sequencer:
         "epoch",
         "expected",
         "info_supported",
+        "inline",
         "instance",
         "join",
         "known_next",
@@ -124,6 +148,8 @@ class Sequencer:
         self.held: dict[int, bytes] = {}
         """While `suspect`: live batches since the live socket reconnected, in arrival order,
         held until the publisher says whether it is still the same instance."""
+        self.inline = True
+        """Nothing is held or replaying: an in-order live batch needs only `expected` moved."""
         self.duplicates = 0
         self.ambiguous = 0
         """Held batches that could be placed in neither instance (reported lost or dropped)."""
@@ -132,12 +158,14 @@ class Sequencer:
 
     # -- inputs -------------------------------------------------------------------------
 
+    @_settles
     def start(self, out: list[tuple[Any, ...]]) -> None:
         """The source was added: with join "start", ask what the publisher has."""
         if self.can_replay and self.join == "start":
             self.expected = 0
             self._repair(out)
 
+    @_settles
     def reconnected(self, out: list[tuple[Any, ...]]) -> None:
         """The live socket lost its connection (and makes a new one): the publisher may come
         back as a new instance whose first batch carries exactly the seq the old stream
@@ -155,6 +183,7 @@ class Sequencer:
             self.outstanding = "info"
             out.append((REQUEST_INFO,))
 
+    @_settles
     def live(self, seq: int, payload: bytes, out: list[tuple[Any, ...]]) -> None:
         if self.suspect:
             if len(self.held) < self.max_buffered:
@@ -223,6 +252,7 @@ class Sequencer:
             self.gap_open = True
             self._repair(out)
 
+    @_settles
     def info(self, instance: bytes, next_seq: int, oldest: int, out: list[tuple[Any, ...]]) -> None:
         """The publisher's answer to an info request: who it is and what it holds. It also
         heads every replay session asked of a publisher that answers info, so a replay is
@@ -255,6 +285,7 @@ class Sequencer:
             out.append((REPAIRED, self.expected))
         self._release(out)
 
+    @_settles
     def reply(self, seq: int, payload: bytes, out: list[tuple[Any, ...]]) -> None:
         """One replayed batch of the replay in flight. A replay starts one seq early when that
         seq was delivered: its bytes must match, or the publisher restarted under us."""
@@ -284,6 +315,7 @@ class Sequencer:
         self.pending.pop(seq, None)
         self._deliver(seq, payload, out)
 
+    @_settles
     def end(self, out: list[tuple[Any, ...]]) -> None:
         """An END marker: closes the replay in flight, or answers an info request the way a
         publisher without info does (vLLM's and SGLang's own reply END to it)."""
@@ -331,6 +363,7 @@ class Sequencer:
             self.outstanding = "info"
             out.append((REQUEST_INFO,))
 
+    @_settles
     def timeout(self, out: list[tuple[Any, ...]]) -> None:
         """The request in flight got no answer after its retries: stop waiting for it."""
         kind, self.outstanding = self.outstanding, None
@@ -346,6 +379,7 @@ class Sequencer:
         self.want_replay = False
         self._release(out)
 
+    @_settles
     def probe(self, out: list[tuple[Any, ...]]) -> bool:
         """The source was quiet: ask whether the publisher has anything not yet seen (a tail
         the PUB socket dropped is revealed by nothing else). False when nothing was asked."""
@@ -359,6 +393,7 @@ class Sequencer:
             out.append((REQUEST_INFO,))
         return True
 
+    @_settles
     def forget_request(self) -> None:
         """The request in flight was abandoned (its socket replaced); nothing will answer it."""
         self.outstanding = None

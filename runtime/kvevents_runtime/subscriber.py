@@ -37,6 +37,7 @@ from .sequencer import (
     GAP,
     LOST,
     OVERFLOW,
+    RECENT,
     REPAIRED,
     REQUEST_INFO,
     REQUEST_REPLAY,
@@ -50,7 +51,7 @@ logger = logging.getLogger("kvevents.subscriber")
 
 _NOBLOCK = zmq.NOBLOCK
 _RCVMORE = zmq.RCVMORE
-_MASK = 4096 - 1
+_MASK = RECENT - 1
 STAT_NAMES = (
     "delivered",
     "gaps",
@@ -339,6 +340,7 @@ class Subscriber:
         decode = self._decode
         append = out.append
         topic = self._topic
+        end_seq = self._end_seq
         sequencer = source.seq
         recent = sequencer.recent
         index = source.index
@@ -376,16 +378,11 @@ class Subscriber:
                 except FrameError as exc:
                     self._malformed(source, str(exc))
                     continue
-                if seq == self._end_seq:
+                if seq == end_seq:
                     self._malformed(source, "live seq is the END marker")
                     continue
                 payload = last.bytes
-                if (
-                    seq != sequencer.expected
-                    or sequencer.outstanding == "replay"
-                    or sequencer.pending
-                    or sequencer.unverified is not None
-                ):
+                if seq != sequencer.expected or not sequencer.inline:
                     sequencer.live(seq, payload, actions)
                     self._act(source, actions, out)
                     actions.clear()

@@ -29,6 +29,7 @@ from kvevents_runtime.sequencer import (
     GAP,
     LOST,
     OVERFLOW,
+    RECENT,
     REPAIRED,
     REQUEST_INFO,
     REQUEST_REPLAY,
@@ -133,7 +134,15 @@ class World:
             out = []
         self.note(payload)
         self.source = ident
-        self.seq.live(seq, payload, out)
+        sequencer = self.seq
+        if seq == sequencer.expected and sequencer.inline:
+            # The subscriber's fast path, exactly as it takes it: only `expected` moves.
+            sequencer.last_live = seq
+            sequencer.expected = seq + 1
+            sequencer.recent[seq % RECENT] = (seq, hash(payload))
+            out.append((DELIVER, seq, payload))
+        else:
+            sequencer.live(seq, payload, out)
         self.run(out)
 
     def epoch_instance(self) -> int:

@@ -44,6 +44,7 @@ def test_100k_batches_through_a_tiny_hwm_arrive_exactly_once_in_order(publishers
         publisher.connect_replay_endpoint,
         rcvhwm=20,
         on_notice=notices.append,
+        replay_timeout=10.0,  # a loaded CI machine must not turn a slow replay into a loss
     ) as sub:
 
         def produce():

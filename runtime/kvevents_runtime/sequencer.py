@@ -393,11 +393,6 @@ class Sequencer:
             out.append((REQUEST_INFO,))
         return True
 
-    @_settles
-    def forget_request(self) -> None:
-        """The request in flight was abandoned (its socket replaced); nothing will answer it."""
-        self.outstanding = None
-
     # -- internals ----------------------------------------------------------------------
 
     def _release(self, out: list[tuple[Any, ...]]) -> None:

@@ -133,6 +133,13 @@ _array_alternative_events: list[msgspec.msgpack.Decoder[Any]] = [
     msgspec.msgpack.Decoder(t) for t in ARRAY_ALTERNATIVE_TYPES
 ]
 _array_event = msgspec.msgpack.Decoder(_ArrayEvent)
+
+
+class _TagOnly(msgspec.Struct, gc=False):
+    type: str
+
+
+_tag_only = msgspec.msgpack.Decoder(_TagOnly)
 _encoder = msgspec.msgpack.Encoder()
 _MAP_HEADS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 _ARRAY_HEADS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
@@ -195,6 +202,12 @@ def _decode_map_event(data: bytes) -> Event:
     try:
         return _map_event.decode(data)
     except _DECODE_FAILURES as first:
+        try:
+            # The alternatives are single structs, which msgspec reads without their tag: a
+            # map with no "type" must not be taken for the event its fields happen to fit.
+            _tag_only.decode(data)
+        except _DECODE_FAILURES:
+            raise first from None
         return _decode_alternative(data, _alternative_events, first)
 
 

@@ -74,3 +74,22 @@ def test_arbitrary_bytes_decode_or_raise_the_typed_error(payload: bytes) -> None
     except kvevents.DecodeError:
         return
     assert isinstance(batch, KVEventBatch)
+
+
+def test_a_map_event_without_its_tag_is_an_error_not_a_guess() -> None:
+    """With bigram token pairs a BlockStored's fields fit only the split-union alternative;
+    without a "type" key the event is reported, never taken for a BlockStored."""
+    import msgspec
+
+    fields = {
+        "block_hashes": [1],
+        "parent_block_hash": None,
+        "token_ids": [[1, 2], [3, 4]],
+        "block_size": 2,
+    }
+    batch = kvevents.decode(
+        msgspec.msgpack.encode([1.0, [fields, {**fields, "type": "BlockStored"}], None])
+    )
+    assert [type(e).__name__ for e in batch.events] == ["BlockStored"]
+    assert batch.events[0].token_ids == [(1, 2), (3, 4)]
+    assert [e.index for e in batch.errors] == [0] and "type" in batch.errors[0].reason

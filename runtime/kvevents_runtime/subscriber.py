@@ -131,7 +131,7 @@ class Source:
         self.index = index
         self.endpoint = endpoint
         self.replay_endpoint = replay_endpoint
-        self.seq = sequencer
+        self.sequencer = sequencer
         self.request: _Request | None = None
         self.resend_at: float | None = None
         """When a refused (busy) request goes out again."""
@@ -144,17 +144,17 @@ class Source:
 
     @property
     def epoch(self) -> int:
-        return self.seq.epoch
+        return self.sequencer.epoch
 
     @property
     def expected(self) -> int | None:
-        return self.seq.expected
+        return self.sequencer.expected
 
     @property
     def info_supported(self) -> bool | None:
         """True for a kvevents publisher; False for one that does not answer info (vLLM's,
         SGLang's own), whose restarts are seen only by a live seq going backwards."""
-        return self.seq.info_supported
+        return self.sequencer.info_supported
 
 
 class Subscriber:
@@ -341,7 +341,7 @@ class Subscriber:
         append = out.append
         topic = self._topic
         end_seq = self._end_seq
-        sequencer = source.seq
+        sequencer = source.sequencer
         recent = sequencer.recent
         index = source.index
         monitor = source.monitor
@@ -417,7 +417,7 @@ class Subscriber:
             lost = lost or event["event"] == zmq.EVENT_DISCONNECTED
         if lost:
             actions: list[tuple[Any, ...]] = []
-            source.seq.reconnected(actions)
+            source.sequencer.reconnected(actions)
             self._act(source, actions, out)
 
     def _drain_replay(
@@ -439,7 +439,7 @@ class Subscriber:
                 continue
             self._heard(source)
             source.request.deadline = time.monotonic() + self._replay_timeout
-            sequencer = source.seq
+            sequencer = source.sequencer
             if item.is_info:
                 try:
                     info = self.wire.decode_info(item.payload)
@@ -514,7 +514,7 @@ class Subscriber:
             elif kind == REQUEST_INFO:
                 stats["info_requests"] += 1
                 self._send(source, _Request("info", 0, time.monotonic() + self._replay_timeout))
-        sequencer = source.seq
+        sequencer = source.sequencer
         stats["duplicates"] += sequencer.duplicates
         stats["late"] += sequencer.late
         stats["ambiguous"] += sequencer.ambiguous
@@ -528,7 +528,7 @@ class Subscriber:
             return
         if request.kind == "info":
             frames = self.wire.pack_info_request()
-        elif source.seq.info_supported:
+        elif source.sequencer.info_supported:
             frames = self.wire.pack_replay_request_with_info(request.start)
         else:
             frames = self.wire.pack_replay_request(request.start)
@@ -546,7 +546,7 @@ class Subscriber:
         if batch.errors:
             self._event_errors(source, seq, batch)
         self.stats["delivered"] += 1
-        out.append(Delivery(seq, batch, source.index, source.seq.epoch, payload))
+        out.append(Delivery(seq, batch, source.index, source.sequencer.epoch, payload))
 
     # -- clocks: request deadlines, busy pauses, idle probes, liveness --------------------
 
@@ -578,12 +578,12 @@ class Subscriber:
                     source.request = None
                     self._reset_dealer(source)
                     actions: list[tuple[Any, ...]] = []
-                    source.seq.timeout(actions)
+                    source.sequencer.timeout(actions)
                     self._act(source, actions, out)
             quiet = now - source.last_activity
             if self._idle_probe is not None and source.request is None and quiet > self._idle_probe:
                 actions = []
-                if source.seq.probe(actions):
+                if source.sequencer.probe(actions):
                     source.last_activity = now
                     self._act(source, actions, out)
             if self._stale_after is not None and not source.stale and quiet > self._stale_after:

@@ -78,7 +78,7 @@ class World:
 
     def __post_init__(self) -> None:
         self.instances.append(Instance(0, self.capacity, self.info))
-        self.seq = Sequencer("start", can_replay=True, max_buffered=64)
+        self.sequencer = Sequencer("start", can_replay=True, max_buffered=64)
         self.source = 0
         """The instance whose message the sequencer is handling now."""
         self.epoch_of = 0
@@ -129,12 +129,12 @@ class World:
             # reports the old one's loss before any of them arrives.
             self.wire_instance = ident
             self.source = ident
-            self.seq.reconnected(out)
+            self.sequencer.reconnected(out)
             self.run(out)
             out = []
         self.note(payload)
         self.source = ident
-        sequencer = self.seq
+        sequencer = self.sequencer
         if seq == sequencer.expected and sequencer.inline:
             # The subscriber's fast path, exactly as it takes it: only `expected` moves.
             sequencer.last_live = seq
@@ -165,14 +165,16 @@ class World:
         self.source = instance.ident
         if request[0] == "info":
             if instance.info:
-                self.seq.info(bytes([instance.ident]), len(instance.sent), instance.oldest, out)
+                self.sequencer.info(
+                    bytes([instance.ident]), len(instance.sent), instance.oldest, out
+                )
             else:
-                self.seq.end(out)
+                self.sequencer.end(out)
             self.run(out)
             return
         if instance.info:
             # A publisher that answers info heads each replay session with it.
-            self.seq.info(bytes([instance.ident]), len(instance.sent), instance.oldest, out)
+            self.sequencer.info(bytes([instance.ident]), len(instance.sent), instance.oldest, out)
             if any(a[0] == RESET for a in out):
                 self.run(out)
                 return
@@ -181,34 +183,34 @@ class World:
         if cut is not None and cut < len(items):
             for s in items[:cut]:
                 self.note(instance.sent[s])
-                self.seq.reply(s, instance.sent[s], out)
+                self.sequencer.reply(s, instance.sent[s], out)
                 if any(a[0] == RESET for a in out):
                     self.run(out)
                     return
-            self.seq.timeout(out)
+            self.sequencer.timeout(out)
             self.run(out)
             return
         for s in items:
             self.note(instance.sent[s])
-            self.seq.reply(s, instance.sent[s], out)
+            self.sequencer.reply(s, instance.sent[s], out)
             if any(a[0] == RESET for a in out):
                 # The subscriber replaced its DEALER: the rest of this session never arrives.
                 self.run(out)
                 return
-        self.seq.end(out)
+        self.sequencer.end(out)
         self.run(out)
 
     def restart(self, capacity: int) -> None:
         # The join handshake (the first info answer) completes before a restart: a restart
         # before the subscriber ever learned who the publisher is shows only as a backward seq
         # or a replayed batch that differs (README, delivery contract).
-        if self.seq.instance is None and self.request == ("info",) and self.info:
+        if self.sequencer.instance is None and self.request == ("info",) and self.info:
             self.answer(None)
         self.instances.append(Instance(len(self.instances), capacity, self.info))
 
     def probe(self) -> None:
         out: list[tuple] = []
-        self.seq.probe(out)
+        self.sequencer.probe(out)
         self.run(out)
 
     def quiesce(self) -> None:
@@ -271,7 +273,7 @@ def check(world: World) -> None:
             )
     last = world.current
     if last.sent and last.ident in epoch_owner.values():
-        assert world.seq.expected == len(last.sent)
+        assert world.sequencer.expected == len(last.sent)
 
 
 _ordinary_steps = [
@@ -289,7 +291,7 @@ steps_without_restarts = st.lists(st.one_of(*_ordinary_steps), max_size=60)
 def play(info: bool, capacity: int, schedule: list[tuple]) -> World:
     world = World(info=info, capacity=capacity)
     out: list[tuple] = []
-    world.seq.start(out)
+    world.sequencer.start(out)
     world.run(out)
     for step in schedule:
         if step[0] == "publish":
@@ -367,4 +369,4 @@ def test_a_restart_past_the_old_seq_is_not_spliced() -> None:
     )
     check(world)
     assert [a[1] for a in world.actions if a[0] == RESET] == [1]
-    assert world.seq.epoch == 1 and world.seq.expected == 9
+    assert world.sequencer.epoch == 1 and world.sequencer.expected == 9

@@ -30,6 +30,10 @@ def test_prometheus_metrics_read_the_live_counters(publishers) -> None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and sub.stats["delivered"] < 5:
             sub.poll(0.05)
+        # The publisher thread writes its counters back after a chunk's sends, so a batch can
+        # be delivered a moment before it is counted as published.
+        while time.monotonic() < deadline and publisher.counters()["published"] < 5:
+            time.sleep(0.01)
         text = prometheus_client.generate_latest(registry).decode()
     assert "kvevents_subscriber_delivered_total 5.0" in text
     assert 'kvevents_subscriber_source_next_seq{endpoint="' in text and "} 5.0" in text

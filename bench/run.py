@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import codec, live, replay, rss, shapes
+from . import codec, live, replay, rss, shapes, snapshot
 from .agent import Agent
 from .impls import PAIRS, RAW_SENDERS, Impl, encode_all, load_impls
 from .stats import Figure
@@ -33,10 +33,18 @@ class Settings:
     replay_reps: int = 7
     decode_rounds: int = 20
     rss_batches: int = 1_000_000
+    snapshot_blocks: tuple[int, ...] = (10_000, 100_000)
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(reps=2, batches=5_000, replay_reps=2, decode_rounds=2, rss_batches=50_000)
+        return cls(
+            reps=2,
+            batches=5_000,
+            replay_reps=2,
+            decode_rounds=2,
+            rss_batches=50_000,
+            snapshot_blocks=(10_000,),
+        )
 
 
 def _log(message: str) -> None:
@@ -213,5 +221,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
     finally:
         agent.close()
     results["rss"] = measure_rss(impls, settings)
+    results["snapshot"] = snapshot.measure(settings.snapshot_blocks, settings.reps)
+    _log("snapshots done")
     results["seconds"] = time.monotonic() - started
     return results

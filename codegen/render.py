@@ -31,6 +31,7 @@ _FRAME_VALUES = {
     "end_seq": "END_SEQ",
     "start_seq": "seq_bytes(start)",
     "info_flag": "INFO_FLAG",
+    "snapshot_flag": "SNAPSHOT_FLAG",
 }
 _LIVE_VALUES = {"topic": "topic", "seq": "seq_frame", "payload": "payload"}
 _REPLY_VALUES = {
@@ -286,6 +287,7 @@ def render_all(model: Model | None = None) -> dict[Path, str]:
             events_src,
             hash_alias_type=python_type(defs["ExternalBlockHash"], defs, canonical=False),
         )
+        dialect_file("snapshot.py", events_src)
         args = publisher_args + (("bind",) if p["bind_arg"] else ())
         dialect_file(
             "publisher.py",

@@ -22,7 +22,9 @@ MAX_START_SEQ_SIZE: Final = 8
 """A replay request's start frame is read as a big-endian unsigned int of up to 8 bytes; empty means 0 (full replay); longer is invalid."""
 INFO_FLAG: Final = bytes.fromhex("696e666f")
 """Third frame of a replay request that asks for an info reply ahead of the replayed batches (b"info"); sent only to publishers that answered the info request."""
-SCHEMA_VERSION: Final = "0.2.0"
+SNAPSHOT_FLAG: Final = bytes.fromhex("736e6170")
+"""Third frame of a snapshot request (b"snap"); sent only to publishers whose info says snapshots."""
+SCHEMA_VERSION: Final = "0.3.0"
 """Version of this document, carried in every info reply."""
 
 Frames = Sequence[bytes]
@@ -75,6 +77,7 @@ class PublisherInfo(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     dialect: str
     schema_version: str
     busy: bool = False
+    snapshots: bool = False
 
 
 _info_encoder = msgspec.msgpack.Encoder()
@@ -176,6 +179,15 @@ def pack_replay_request_with_info(start: int) -> tuple[bytes, ...]:
     )
 
 
+def pack_snapshot_request(start: int) -> tuple[bytes, ...]:
+    """Asks for the publisher's live blocks: an info reply (next_seq = S + 1), then BlockStored batches under seq S that rebuild every block live after batch S, then END."""
+    return (
+        b"",
+        seq_bytes(start),
+        SNAPSHOT_FLAG,
+    )
+
+
 def pack_info_reply_with_topic(identity: bytes, topic: bytes, info: bytes) -> tuple[bytes, ...]:
     """Info reply in the with-topic reply shape: END_SEQ with a PublisherInfo payload (an END marker's payload is empty)."""
     return (
@@ -205,18 +217,22 @@ def parse_live_batch(frames: Frames) -> tuple[bytes, int, bytes]:
     return topic, parse_seq(seq), payload
 
 
-def parse_replay_request(frames: Frames) -> tuple[bytes, int, bool]:
-    """`(identity, start, with_info)` of a request as the ROUTER receives it: a replay request,
-    an info request (start END_SEQ_INT), or a replay request headed by info (its flag frame)."""
+def parse_replay_request(frames: Frames) -> tuple[bytes, int, str]:
+    """`(identity, start, flag)` of a request as the ROUTER receives it; `flag` is "" for a
+    replay request or an info request (start END_SEQ_INT), "info" for a replay request headed
+    by info, "snapshot" for a snapshot request."""
     plain = 3
     flagged = 4
     if len(frames) == plain:
-        return frames[0], parse_start_seq(frames[-1]), False
-    if len(frames) == flagged and frames[-1] == INFO_FLAG:
-        return frames[0], parse_start_seq(frames[-2]), True
+        return frames[0], parse_start_seq(frames[-1]), ""
+    if len(frames) == flagged and frames[-1] in _REQUEST_FLAGS:
+        return frames[0], parse_start_seq(frames[-2]), _REQUEST_FLAGS[frames[-1]]
     raise FrameError(
-        f"replay request must have {plain} frames with the identity, or {flagged} ending in the info flag; got {len(frames)}"
+        f"replay request must have {plain} frames with the identity, or {flagged} ending in the info or snapshot flag; got {len(frames)}"
     )
+
+
+_REQUEST_FLAGS: Final = {INFO_FLAG: "info", SNAPSHOT_FLAG: "snapshot"}
 
 
 def parse_replay_reply(frames: Frames) -> ReplayItem:

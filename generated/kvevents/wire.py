@@ -23,16 +23,35 @@ def _pack_info_reply(
     return frames.pack_info_reply_without_topic(identity, info)
 
 
+def _pack_reply(
+    identity: bytes, topic: bytes, seq: bytes, payload: bytes, with_topic: bool
+) -> tuple[bytes, ...]:
+    if with_topic:
+        return frames.pack_replay_reply_with_topic(identity, topic, seq, payload)
+    return frames.pack_replay_reply_without_topic(identity, seq, payload)
+
+
+def _pack_end(identity: bytes, with_topic: bool) -> tuple[bytes, ...]:
+    if with_topic:
+        return frames.pack_replay_end_with_topic(identity)
+    return frames.pack_replay_end_without_topic(identity)
+
+
 WIRE = Wire(
     parse_seq=frames.parse_seq,
+    seq_size=frames.SEQ_SIZE,
     end_seq=frames.END_SEQ_INT,
     schema_version=frames.SCHEMA_VERSION,
     pack_replay_request=frames.pack_replay_request,
     pack_replay_request_with_info=frames.pack_replay_request_with_info,
     pack_info_request=frames.pack_info_request,
+    pack_snapshot_request=frames.pack_snapshot_request,
     parse_replay_request=frames.parse_replay_request,
     parse_replay_reply=frames.parse_replay_reply,
     pack_info_reply=_pack_info_reply,
+    pack_reply=_pack_reply,
+    pack_end=_pack_end,
+    seq_bytes=frames.seq_bytes,
     new_info=frames.PublisherInfo,
     encode_info=frames.encode_info,
     decode_info=frames.decode_info,

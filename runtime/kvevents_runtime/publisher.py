@@ -23,6 +23,7 @@ from typing import Any, Literal
 import zmq
 
 from . import endpoints
+from .blockset import BlockSet, BlockShape
 from .ratelimit import RateLimitedLog
 from .replay import ReplayService
 from .wire import Wire
@@ -38,6 +39,20 @@ def unwrapped_send(sock: zmq.Socket) -> Callable[..., Any]:
     `routing_id`/`group` arguments and costs as much as the send itself: the three frame
     sends of a batch take half the time through the backend method."""
     return types.MethodType(zmq.backend.Socket.send, sock)
+
+
+def _tracking(
+    encode: Callable[[Any], bytes], apply: Callable[[Any], None]
+) -> Callable[[Any], bytes]:
+    """An encoder that also applies each batch to the live block set, once it is encoded
+    (a batch that fails to encode is never published, so it never changes the set)."""
+
+    def encode_and_track(batch: Any) -> bytes:
+        payload = encode(batch)
+        apply(batch)
+        return payload
+
+    return encode_and_track
 
 
 class ZmqPublisherCore:
@@ -67,13 +82,17 @@ class ZmqPublisherCore:
         shutdown_timeout: float | None,
         resolve_ephemeral: Callable[[str], str] | None = None,
         dialect: str = "",
+        snapshot_shape: BlockShape | None = None,
     ) -> None:
         """`resolve_ephemeral` rewrites a wildcard tcp endpoint with port 0 before it is
-        bound (vLLM binds the node IP there, so the advertised endpoint is dialable)."""
+        bound (vLLM binds the node IP there, so the advertised endpoint is dialable).
+        `snapshot_shape` turns snapshots on: the thread keeps the live block set."""
         if buffer_steps < 1:
             raise ValueError("buffer_steps must be at least 1")
         if max_queue_size < 1:
             raise ValueError("max_queue_size must be at least 1")
+        if snapshot_shape is not None and replay_endpoint is None:
+            raise ValueError("snapshots are served on the replay socket: give a replay_endpoint")
         if queue_full_policy not in QUEUE_FULL_POLICIES:
             raise ValueError(f"queue_full_policy must be one of {QUEUE_FULL_POLICIES}")
         self._rank = rank
@@ -113,6 +132,8 @@ class ZmqPublisherCore:
                 self.REPLAY_CHUNK,
                 unwrapped_send,
                 dialect,
+                None if snapshot_shape is None else BlockSet(snapshot_shape),
+                rank,
             )
         except BaseException:
             self._pub.close(linger=0)
@@ -186,6 +207,8 @@ class ZmqPublisherCore:
         send = unwrapped_send(self._pub)
         send_chunk = self.wire.send_live_chunk
         encode = self.wire.new_encoder()
+        if self._replay.blocks is not None:
+            encode = _tracking(encode, self._replay.blocks.apply)
         topic = self._topic_bytes
         replay = self._replay
         serving = replay.socket is not None
@@ -217,7 +240,7 @@ class ZmqPublisherCore:
                 if serving:
                     if replay.has_requests():
                         replay.take_requests(seq)
-                    if replay.sessions and replay.serve(seq) and not taken:
+                    if (replay.sessions or replay.snapshots) and replay.serve(seq) and not taken:
                         continue
                 if taken:
                     if self._want_space:
@@ -252,7 +275,8 @@ class ZmqPublisherCore:
         if self._queue or self._stopping:
             self._idle = False
             return
-        timeout = 1 if self._replay.sessions else self.IDLE_POLL_MS
+        busy = self._replay.sessions or self._replay.snapshots
+        timeout = 1 if busy else self.IDLE_POLL_MS
         ready = dict(poller.poll(timeout))
         self._idle = False
         if self._wake_r in ready:
@@ -390,6 +414,10 @@ class ZmqPublisherCore:
             "replay_rejected_busy": replay.rejected_busy,
             "replay_unreachable": replay.unreachable,
             "replayed_batches": replay.replayed,
+            "snapshot_requests": replay.snapshot_requests,
+            "snapshot_batches": replay.snapshot_batches,
+            "live_blocks": -1 if replay.blocks is None else len(replay.blocks),
+            "untracked_events": 0 if replay.blocks is None else replay.blocks.untracked,
         }
 
     @staticmethod

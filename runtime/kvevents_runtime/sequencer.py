@@ -12,7 +12,12 @@ The contract, per source and per epoch (an epoch is one publisher instance as se
   delivered exactly once or lies in exactly one reported lost range; ranges are disjoint and
   never overlap a delivery;
 - a restart is reported exactly once, and the new instance's stream is delivered from its
-  first seq still available (what is older is reported lost).
+  first seq still available (what is older is reported lost);
+- with snapshots (a kvevents publisher started with them, and `heal` on): once history is
+  lost, the publisher's live block set is asked for and delivered as one snapshot at seq S,
+  after every delivery and at or past the last delivered seq; every seq up to S not
+  delivered before it is covered by it, and deliveries go on from S + 1. A consumer that
+  replaces its state with each snapshot then holds the publisher's state again.
 
 Restarts are seen by the publisher's instance id (the info request, which kvevents
 publishers answer) or, against a publisher without it (vLLM's, SGLang's own), by a live seq
@@ -46,6 +51,10 @@ REQUEST_INFO = "request_info"
 """(REQUEST_INFO,)"""
 OVERFLOW = "overflow"
 """(OVERFLOW, held): live batches held during a repair reached the bound."""
+REQUEST_SNAPSHOT = "request_snapshot"
+"""(REQUEST_SNAPSHOT,)"""
+SNAPSHOT = "snapshot"
+"""(SNAPSHOT, seq, payloads): the publisher's live blocks as of seq, as batches."""
 
 RECENT = 4096
 _MASK = RECENT - 1
@@ -61,8 +70,21 @@ def _settles(method: Callable[..., R]) -> Callable[..., R]:
         try:
             return method(self, *args)
         finally:
+            out = args[-1]
+            if (
+                self.heal_wanted
+                and self.outstanding is None
+                and self.snapshots_available
+                and self.expected is not None
+                and not self.suspect
+                and self.unverified is None
+            ):
+                self.outstanding = "snapshot"
+                self.snapshot_seq = None
+                self.snapshot_parts = []
+                out.append((REQUEST_SNAPSHOT,))
             self.inline = not (
-                self.outstanding == "replay"
+                self.outstanding in ("replay", "snapshot")
                 or self.pending
                 or self.unverified is not None
                 or self.suspect
@@ -101,20 +123,41 @@ class Sequencer:
         "outstanding",
         "pending",
         "gap_open",
+        "heal",
+        "heal_deferred",
+        "heal_wanted",
         "held",
         "late",
         "recent",
         "replay_first",
         "replay_progress",
+        "snapshot_parts",
+        "snapshot_seq",
+        "snapshots_available",
         "suspect",
         "unverified",
         "want_replay",
     )
 
     def __init__(
-        self, join: JoinPolicy = "start", can_replay: bool = True, max_buffered: int = 100_000
+        self,
+        join: JoinPolicy = "start",
+        can_replay: bool = True,
+        max_buffered: int = 100_000,
+        heal: bool = True,
     ) -> None:
         self.join = join
+        self.heal = heal
+        """Ask a publisher that keeps snapshots for one whenever history is lost."""
+        self.heal_wanted = False
+        """History was lost in this epoch and no snapshot has covered it yet."""
+        self.heal_deferred = False
+        """A snapshot went unanswered: ask again when the source is next quiet."""
+        self.snapshots_available = False
+        """The publisher said (info) that it answers snapshot requests."""
+        self.snapshot_seq: int | None = None
+        """The seq the snapshot in flight is consistent with (its info header says)."""
+        self.snapshot_parts: list[bytes] = []
         self.can_replay = can_replay and join != "none"
         self.max_buffered = max_buffered
         self.epoch = 0
@@ -253,11 +296,19 @@ class Sequencer:
             self._repair(out)
 
     @_settles
-    def info(self, instance: bytes, next_seq: int, oldest: int, out: list[tuple[Any, ...]]) -> None:
+    def info(
+        self,
+        instance: bytes,
+        next_seq: int,
+        oldest: int,
+        out: list[tuple[Any, ...]],
+        snapshots: bool = False,
+    ) -> None:
         """The publisher's answer to an info request: who it is and what it holds. It also
-        heads every replay session asked of a publisher that answers info, so a replay is
-        never taken from an instance other than the one the epoch belongs to."""
-        header = self.outstanding == "replay"
+        heads every replay and snapshot session asked of a publisher that answers info, so
+        neither is ever taken from an instance other than the one the epoch belongs to."""
+        header = self.outstanding in ("replay", "snapshot")
+        self.snapshots_available = snapshots
         if self.outstanding == "info":
             self.outstanding = None
         self.info_supported = True
@@ -273,6 +324,8 @@ class Sequencer:
             return
         self.instance = instance
         if header:
+            if self.outstanding == "snapshot":
+                self.snapshot_seq = next_seq - 1
             self._release(out)
             return
         self.want_replay = False
@@ -289,6 +342,12 @@ class Sequencer:
     def reply(self, seq: int, payload: bytes, out: list[tuple[Any, ...]]) -> None:
         """One replayed batch of the replay in flight. A replay starts one seq early when that
         seq was delivered: its bytes must match, or the publisher restarted under us."""
+        if self.outstanding == "snapshot" and self.snapshot_seq is not None:
+            if len(self.snapshot_parts) < self.max_buffered:
+                self.snapshot_parts.append(payload)
+            else:
+                self.snapshot_seq = None  # past the bound: END will find no usable snapshot
+            return
         if self.outstanding != "replay" or self.expected is None:
             return
         if self.unverified is not None and seq in self.unverified:
@@ -326,6 +385,11 @@ class Sequencer:
                 self._request_replay(out)
             self._release(out)
             return
+        if self.outstanding == "snapshot":
+            self.outstanding = None
+            self._apply_snapshot(out)
+            self._after_repair(out)
+            return
         if self.outstanding != "replay":
             return
         self.outstanding = None
@@ -355,13 +419,7 @@ class Sequencer:
             if self.pending:
                 self._repair(out)
                 return
-        if self.gap_open:
-            self.gap_open = False
-            out.append((REPAIRED, self.expected))
-        if self.suspect:
-            # The session's header came before the reconnect: ask who the publisher is now.
-            self.outstanding = "info"
-            out.append((REQUEST_INFO,))
+        self._after_repair(out)
 
     @_settles
     def timeout(self, out: list[tuple[Any, ...]]) -> None:
@@ -375,6 +433,12 @@ class Sequencer:
         while self.pending:
             self._skip_to(min(self.pending), f"{kind or 'request'} timed out", out)
             self._flush(out)
+        if kind == "snapshot" or self.heal_wanted:
+            # Live batches are held while a snapshot is in flight: a publisher that cannot
+            # answer one is asked again only when the source is next quiet (probe).
+            self.heal_deferred = self.heal_wanted or kind == "snapshot"
+            self.heal_wanted = False
+        self.snapshot_seq, self.snapshot_parts = None, []
         self.gap_open = False
         self.want_replay = False
         self._release(out)
@@ -385,6 +449,10 @@ class Sequencer:
         the PUB socket dropped is revealed by nothing else). False when nothing was asked."""
         if not self.can_replay or self.outstanding is not None or self.expected is None:
             return False
+        if self.heal_deferred and self.snapshots_available:
+            self.heal_deferred = False
+            self.heal_wanted = True
+            return True  # asked for on the way out (_settles)
         if self.info_supported is False:
             self._request_replay(out)
         else:
@@ -394,6 +462,32 @@ class Sequencer:
         return True
 
     # -- internals ----------------------------------------------------------------------
+
+    def _after_repair(self, out: list[tuple[Any, ...]]) -> None:
+        if self.gap_open:
+            self.gap_open = False
+            out.append((REPAIRED, self.expected))
+        if self.suspect:
+            # The session's header came before the reconnect: ask who the publisher is now.
+            self.outstanding = "info"
+            out.append((REQUEST_INFO,))
+
+    def _apply_snapshot(self, out: list[tuple[Any, ...]]) -> None:
+        """The snapshot in flight is complete: it covers every seq up to its own, and what
+        was held past it is delivered after it."""
+        seq, parts = self.snapshot_seq, self.snapshot_parts
+        self.snapshot_seq, self.snapshot_parts = None, []
+        expected = self.expected
+        if seq is None or expected is None or seq < expected - 1:
+            return  # no header, over the bound, or older than what was delivered: not usable
+        for held in [s for s in self.pending if s <= seq]:
+            del self.pending[held]
+        self.expected = seq + 1
+        self.heal_wanted = self.heal_deferred = False
+        out.append((SNAPSHOT, seq, parts))
+        self._flush(out)
+        if self.pending:
+            self._repair(out)
 
     def _release(self, out: list[tuple[Any, ...]]) -> None:
         """The instance is settled: what was held since the reconnect is live input again."""
@@ -459,10 +553,12 @@ class Sequencer:
             payload = self.pending.pop(seq)
             if seq > missing_from:
                 out.append((LOST, missing_from, seq - 1, reason, self.epoch))
+                self.heal_wanted = self.heal
             self._deliver(seq, payload, out)
             missing_from = seq + 1
         if target > missing_from:
             out.append((LOST, missing_from, target - 1, reason, self.epoch))
+            self.heal_wanted = self.heal
         self.expected = target
 
     def _place(self, seq: int, payload: bytes) -> None:
@@ -518,6 +614,8 @@ class Sequencer:
         self.outstanding = None
         self.want_replay = False
         self.gap_open = False
+        self.heal_wanted = self.heal_deferred = False
+        self.snapshot_seq, self.snapshot_parts = None, []
         self.epoch += 1
         self.expected = None
         self.last_live = None

@@ -17,6 +17,8 @@ notices and requests. Notices:
 - ``overflow``: live batches held during a repair reached `max_buffered`.
 - ``busy``: the publisher refused a replay for now; it is asked again after a pause.
 - ``stale`` / ``alive``: nothing arrived from a source for `stale_after` seconds / it spoke again.
+- ``snapshot`` (seq, blocks): history was lost and a publisher with snapshots sent its live
+  blocks; they arrive as one `Delivery` with `snapshot=True` in the stream's order.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from .sequencer import (
     REPAIRED,
     REQUEST_INFO,
     REQUEST_REPLAY,
+    REQUEST_SNAPSHOT,
     RESET,
+    SNAPSHOT,
     JoinPolicy,
     Sequencer,
 )
@@ -72,6 +76,8 @@ STAT_NAMES = (
     "overflows",
     "busy",
     "stale",
+    "snapshots_requested",
+    "snapshots",
 )
 
 
@@ -91,6 +97,10 @@ class Delivery(msgspec.Struct, gc=False):
     """One delivered batch: unpacks as `(seq, batch)`; `source` is the publisher's index,
     `epoch` the restarts seen on it, `payload` the raw bytes.
 
+    `snapshot=True`: `batch` holds, as BlockStored events, every block the publisher held
+    after batch `seq` (its snapshot); replace what you know of this source with it. Its
+    `payload` is empty (it came as several payloads).
+
     A struct, not a tuple subclass with attributes: it is built once per batch on the hot
     path, where that costs a tenth as much."""
 
@@ -99,6 +109,7 @@ class Delivery(msgspec.Struct, gc=False):
     source: int = 0
     epoch: int = 0
     payload: bytes = b""
+    snapshot: bool = False
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.seq, self.batch))
@@ -169,6 +180,8 @@ class Subscriber:
     (None disables). `max_buffered` bounds the live batches held during a repair;
     `replay_timeout` and `replay_attempts` bound how long a request may stall;
     `stale_after` is the silence after which a source is reported stale (None disables).
+    `heal`: when history is lost and the publisher keeps snapshots, ask for one and deliver
+    it (README, "State snapshots").
     """
 
     wire: Wire
@@ -187,6 +200,7 @@ class Subscriber:
         idle_probe: float | None = 1.0,
         stale_after: float | None = 10.0,
         busy_backoff: float = 0.05,
+        heal: bool = True,
         on_notice: Callable[[Notice], None] | None = None,
         context: zmq.Context | None = None,
         rcvhwm: int = 100_000,
@@ -206,6 +220,8 @@ class Subscriber:
         self._idle_probe = idle_probe
         self._stale_after = stale_after
         self._busy_backoff = busy_backoff
+        self._heal = heal
+        self._empty_batch = msgspec.msgpack.encode((0.0, []))
         self._on_notice = on_notice or (lambda n: logger.info("kvevents: %s", n))
         self._ctx = context or zmq.Context.instance()
         self._rcvhwm = rcvhwm
@@ -217,7 +233,7 @@ class Subscriber:
         self._closed = False
         wire = self.wire
         self._decode = wire.decode
-        self._parse_seq = wire.parse_seq
+        self._seq_size = wire.seq_size
         self._end_seq = wire.end_seq
         try:
             for live, replay in pairs:
@@ -235,7 +251,9 @@ class Subscriber:
 
     def add_source(self, endpoint: str, replay_endpoint: str | None = None) -> Source:
         """Follow one more publisher (e.g. another DP rank)."""
-        sequencer = Sequencer(self._join, replay_endpoint is not None, self._max_buffered)
+        sequencer = Sequencer(
+            self._join, replay_endpoint is not None, self._max_buffered, self._heal
+        )
         source = Source(self._next_index, endpoint, replay_endpoint, sequencer)
         self._next_index += 1
         sub = self._ctx.socket(zmq.SUB)
@@ -336,7 +354,8 @@ class Subscriber:
         # Each frame is taken zero-copy for its `more` flag, so a message of the wrong frame
         # count is dropped whole and never merged with its neighbour.
         recv = sock.recv
-        parse_seq = self._parse_seq
+        seq_size = self._seq_size
+        from_bytes = int.from_bytes
         decode = self._decode
         append = out.append
         topic = self._topic
@@ -373,11 +392,13 @@ class Subscriber:
                 if (first.bytes != topic) if topic else len(first):
                     self.stats["other_topic"] += 1  # a ZeroMQ prefix match on another topic
                     continue
-                try:
-                    seq = parse_seq(second.bytes)
-                except FrameError as exc:
-                    self._malformed(source, str(exc))
+                if len(second) != seq_size:
+                    self._malformed(
+                        source, f"seq frame must be {seq_size} bytes, got {len(second)}"
+                    )
                     continue
+                # Read from the frame's buffer: no bytes object for the seq.
+                seq = from_bytes(second, "big")  # type: ignore[arg-type]  # Frame has the buffer protocol
                 if seq == end_seq:
                     self._malformed(source, "live seq is the END marker")
                     continue
@@ -458,7 +479,9 @@ class Subscriber:
                 assert source.sub is not None
                 self._drain_live(source, source.sub, out, self._max_buffered)
                 kind = source.request.kind if source.request else None
-                sequencer.info(info.instance, info.next_seq, info.oldest_seq, actions)
+                sequencer.info(
+                    info.instance, info.next_seq, info.oldest_seq, actions, info.snapshots
+                )
                 if kind == "info" and sequencer.outstanding != "info":
                     source.request = None
             elif item.is_end:
@@ -514,6 +537,11 @@ class Subscriber:
             elif kind == REQUEST_INFO:
                 stats["info_requests"] += 1
                 self._send(source, _Request("info", 0, time.monotonic() + self._replay_timeout))
+            elif kind == REQUEST_SNAPSHOT:
+                stats["snapshots_requested"] += 1
+                self._send(source, _Request("snapshot", 0, time.monotonic() + self._replay_timeout))
+            elif kind == SNAPSHOT:
+                self._deliver_snapshot(source, action[1], action[2], out)
         sequencer = source.sequencer
         stats["duplicates"] += sequencer.duplicates
         stats["late"] += sequencer.late
@@ -528,6 +556,8 @@ class Subscriber:
             return
         if request.kind == "info":
             frames = self.wire.pack_info_request()
+        elif request.kind == "snapshot":
+            frames = self.wire.pack_snapshot_request(0)
         elif source.sequencer.info_supported:
             frames = self.wire.pack_replay_request_with_info(request.start)
         else:
@@ -547,6 +577,31 @@ class Subscriber:
             self._event_errors(source, seq, batch)
         self.stats["delivered"] += 1
         out.append(Delivery(seq, batch, source.index, source.sequencer.epoch, payload))
+
+    def _deliver_snapshot(
+        self, source: Source, seq: int, payloads: list[bytes], out: list[Delivery]
+    ) -> None:
+        """The snapshot's batches as one batch: a consumer swaps its state in one step."""
+        events: list[Any] = []
+        errors: list[Any] = []
+        batch = None
+        for payload in payloads:
+            try:
+                part = self._decode(payload)
+            except DecodeError as exc:
+                self._decode_failed(source, seq, exc)
+                continue
+            events.extend(part.events)
+            errors.extend(part.errors)
+            batch = batch or part
+        if batch is None:
+            batch = self._decode(self._empty_batch)
+        batch = msgspec.structs.replace(batch, events=events, errors=tuple(errors))
+        if errors:
+            self._event_errors(source, seq, batch)
+        self.stats["snapshots"] += 1
+        self._notice("snapshot", source, seq=seq, events=len(events), epoch=source.epoch)
+        out.append(Delivery(seq, batch, source.index, source.sequencer.epoch, b"", True))
 
     # -- clocks: request deadlines, busy pauses, idle probes, liveness --------------------
 

@@ -44,6 +44,7 @@ class Info(Protocol):
     dialect: str
     schema_version: str
     busy: bool
+    snapshots: bool
 
 
 class LiveChunkSender(Protocol):
@@ -86,17 +87,26 @@ class Wire:
 
     parse_seq: Callable[[bytes], int]
     """A live seq frame to its int; raises the runtime's FrameError when malformed."""
+    seq_size: int
+    """Bytes of a seq frame (big-endian unsigned)."""
     end_seq: int
     """The END marker's seq, which no batch carries; as a replay start, the info request."""
     schema_version: str
     pack_replay_request: Callable[[int], tuple[bytes, ...]]
     pack_replay_request_with_info: Callable[[int], tuple[bytes, ...]]
     pack_info_request: Callable[[], tuple[bytes, ...]]
-    parse_replay_request: Callable[[Frames], tuple[bytes, int, bool]]
-    """`(identity, start, with_info)` of a request as the ROUTER receives it; raises FrameError."""
+    pack_snapshot_request: Callable[[int], tuple[bytes, ...]]
+    parse_replay_request: Callable[[Frames], tuple[bytes, int, str]]
+    """`(identity, start, flag)` of a request as the ROUTER receives it, `flag` being "",
+    "info" or "snapshot"; raises FrameError."""
     parse_replay_reply: Callable[[Frames], ReplayReply]
     pack_info_reply: Callable[[bytes, bytes, bytes, bool], tuple[bytes, ...]]
     """`(identity, topic, info payload, with_topic)` to the info reply's frames."""
+    pack_reply: Callable[[bytes, bytes, bytes, bytes, bool], tuple[bytes, ...]]
+    """`(identity, topic, seq frame, payload, with_topic)` to one replayed batch's frames."""
+    pack_end: Callable[[bytes, bool], tuple[bytes, ...]]
+    """`(identity, with_topic)` to the END marker's frames."""
+    seq_bytes: Callable[[int], bytes]
     new_info: Callable[..., Info]
     encode_info: Callable[[Any], bytes]
     decode_info: Callable[[bytes], Info]

@@ -111,6 +111,7 @@ def test_asyncapi_document_describes_every_frame_layout() -> None:
         "start_seq",
         "end_seq",
         "info_flag",
+        "snapshot_flag",
         "info",
     }
     assert kvevents.frames.END_SEQ.hex() == doc["x-constants"]["END_SEQ"]["hex"]

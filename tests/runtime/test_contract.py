@@ -11,7 +11,12 @@ subscriber) checks, after the schedule and a final quiet period:
 - every seq of an instance, from 0 up to the newest the subscriber received anything of
   (for the last instance: everything it published), is delivered or in a lost range;
 - a restart is reported at most once per instance change, and every instance the subscriber
-  delivered from has its own epoch.
+  delivered from has its own epoch;
+- with snapshots: a snapshot is the epoch's instance's state at its seq S, at or past every
+  earlier delivery and before every later one; seqs up to S not delivered are covered by it;
+  and after the quiet period a consumer that replaces its state with each snapshot and
+  applies each delivery holds exactly what the last instance published (history lost is
+  healed).
 
 KVEVENTS_CONTRACT_EXAMPLES sets the number of schedules (nox -s contract runs more).
 """
@@ -33,7 +38,9 @@ from kvevents_runtime.sequencer import (
     REPAIRED,
     REQUEST_INFO,
     REQUEST_REPLAY,
+    REQUEST_SNAPSHOT,
     RESET,
+    SNAPSHOT,
     Sequencer,
 )
 
@@ -69,6 +76,7 @@ class World:
 
     info: bool
     capacity: int
+    snapshots: bool = False
     instances: list[Instance] = field(default_factory=list)
     wire: list[tuple[int, bytes]] = field(default_factory=list)
     request: tuple | None = None
@@ -97,6 +105,8 @@ class World:
                 self.request = ("replay", action[1])
             elif action[0] == REQUEST_INFO:
                 self.request = ("info",)
+            elif action[0] == REQUEST_SNAPSHOT:
+                self.request = ("snapshot",)
             elif action[0] == OVERFLOW:
                 self.request = None  # the subscriber replaces its DEALER: any answer is lost
             elif action[0] == RESET:
@@ -165,19 +175,32 @@ class World:
         self.source = instance.ident
         if request[0] == "info":
             if instance.info:
-                self.sequencer.info(
-                    bytes([instance.ident]), len(instance.sent), instance.oldest, out
-                )
+                self.tell(instance, out)
             else:
                 self.sequencer.end(out)
             self.run(out)
             return
         if instance.info:
-            # A publisher that answers info heads each replay session with it.
-            self.sequencer.info(bytes([instance.ident]), len(instance.sent), instance.oldest, out)
+            # A publisher that answers info heads each replay and snapshot session with it.
+            self.tell(instance, out)
             if any(a[0] == RESET for a in out):
                 self.run(out)
                 return
+        if request[0] == "snapshot":
+            # The state as of S is named by S; it comes in two parts, as batches would.
+            last = len(instance.sent) - 1
+            parts = [f"snap{i}:{instance.ident}:{last}".encode() for i in range(2)]
+            if last >= 0 and instance.ident >= self.epoch_instance():
+                self.received[instance.ident] = max(self.received.get(instance.ident, -1), last)
+            for number, part in enumerate(parts if last >= 0 else []):
+                if cut is not None and number >= cut:
+                    self.sequencer.timeout(out)
+                    self.run(out)
+                    return
+                self.sequencer.reply(max(last, 0), part, out)
+            self.sequencer.end(out)
+            self.run(out)
+            return
         start = max(request[1], instance.oldest)
         items = list(range(start, len(instance.sent)))
         if cut is not None and cut < len(items):
@@ -199,6 +222,11 @@ class World:
                 return
         self.sequencer.end(out)
         self.run(out)
+
+    def tell(self, instance: Instance, out: list[tuple]) -> None:
+        self.sequencer.info(
+            bytes([instance.ident]), len(instance.sent), instance.oldest, out, self.snapshots
+        )
 
     def restart(self, capacity: int) -> None:
         # The join handshake (the first info answer) completes before a restart: a restart
@@ -228,28 +256,62 @@ def check(world: World) -> None:
     epoch = 0
     delivered: dict[int, list[int]] = {0: []}
     lost: dict[int, list[tuple[int, int]]] = {0: []}
+    snapshots: dict[int, list[int]] = {0: []}
+    position: dict[int, int] = {0: -1}
+    """Per epoch, the newest seq delivered or covered by a snapshot."""
     epoch_owner: dict[int, int] = {}
     resets = 0
+    state: set[int] = set()
+    """What a consumer holds: per seq, the batch's effect (a snapshot at S is 0..S)."""
     for action in world.actions:
         kind = action[0]
         if kind == RESET:
             epoch = action[1]
             resets += 1
-            delivered.setdefault(epoch, [])
-            lost.setdefault(epoch, [])
+            for table in (delivered, lost, snapshots):
+                table.setdefault(epoch, [])
+            position.setdefault(epoch, -1)
+            state = set()
         elif kind == DELIVER:
             ident, seq = owner(action[2])
             assert seq == action[1], f"seq {action[1]} delivered with the batch of seq {seq}"
             assert epoch_owner.setdefault(epoch, ident) == ident, f"epoch {epoch} mixes instances"
+            assert seq > position[epoch], f"epoch {epoch}: seq {seq} after {position[epoch]}"
+            position[epoch] = seq
             delivered[epoch].append(seq)
+            state.add(seq)
+        elif kind == SNAPSHOT:
+            seq, parts = action[1], action[2]
+            assert parts, "a snapshot of a publisher that has published is never empty"
+            for part in parts:
+                tag, ident, at = part.decode().split(":")
+                assert int(at) == seq, f"snapshot at {seq} holds the state as of {at}"
+                assert epoch_owner.setdefault(epoch, int(ident)) == int(ident), (
+                    f"epoch {epoch}: a snapshot of another instance"
+                )
+            assert seq >= position[epoch], f"epoch {epoch}: snapshot {seq} after {position[epoch]}"
+            assert not any(first <= seq for first, _ in lost[epoch] if first > position[epoch]), (
+                f"epoch {epoch}: snapshot {seq} covers seqs already reported lost after it"
+            )
+            position[epoch] = seq
+            snapshots[epoch].append(seq)
+            state = set(range(seq + 1))
         elif kind == LOST:
             assert action[1] <= action[2], action
             assert action[4] == epoch, (
                 f"a lost range tagged epoch {action[4]} reported in epoch {epoch}"
             )
+            assert action[1] > position[epoch], f"epoch {epoch}: lost {action[1:3]} is behind"
             lost[epoch].append((action[1], action[2]))
         else:
-            assert kind in (GAP, REPAIRED, REQUEST_INFO, REQUEST_REPLAY, OVERFLOW), action
+            assert kind in (
+                GAP,
+                REPAIRED,
+                REQUEST_INFO,
+                REQUEST_REPLAY,
+                REQUEST_SNAPSHOT,
+                OVERFLOW,
+            ), action
     owners = [epoch_owner[e] for e in sorted(epoch_owner)]
     assert owners == sorted(set(owners)), f"epochs map to instances out of order: {owners}"
     assert resets <= len(world.instances) - 1
@@ -262,6 +324,7 @@ def check(world: World) -> None:
                 f"epoch {e}: lost {first}..{last} overlaps a delivery or a lost range"
             )
             covered |= span
+        covered |= set(range(max(snapshots[e], default=-1) + 1))
         if e in epoch_owner:
             ident = epoch_owner[e]
             newest = world.received.get(ident, -1)
@@ -274,6 +337,10 @@ def check(world: World) -> None:
     last = world.current
     if last.sent and last.ident in epoch_owner.values():
         assert world.sequencer.expected == len(last.sent)
+        if world.snapshots:
+            assert state == set(range(len(last.sent))), (
+                f"history lost was not healed: the consumer misses {sorted(set(range(len(last.sent))) - state)[:10]}"
+            )
 
 
 _ordinary_steps = [
@@ -288,8 +355,8 @@ steps = st.lists(
 steps_without_restarts = st.lists(st.one_of(*_ordinary_steps), max_size=60)
 
 
-def play(info: bool, capacity: int, schedule: list[tuple]) -> World:
-    world = World(info=info, capacity=capacity)
+def play(info: bool, capacity: int, schedule: list[tuple], snapshots: bool = False) -> World:
+    world = World(info=info, capacity=capacity, snapshots=snapshots)
     out: list[tuple] = []
     world.sequencer.start(out)
     world.run(out)
@@ -339,6 +406,19 @@ def test_the_contract_holds_with_an_upstream_publisher_that_never_restarts(
     """vLLM's and SGLang's publishers do not answer info: without restarts the contract holds
     in full; restarts are then seen only by a live seq going backwards (README)."""
     check(play(False, capacity, schedule))
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(capacity=st.integers(1, 12), schedule=steps)
+def test_the_contract_holds_and_history_heals_with_snapshots(
+    capacity: int, schedule: list[tuple]
+) -> None:
+    check(play(True, capacity, schedule, snapshots=True))
 
 
 def test_the_checker_can_fail() -> None:

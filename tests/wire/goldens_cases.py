@@ -306,6 +306,13 @@ def build() -> dict[str, str]:
             "frames": frames.pack_info_reply_without_topic(b"id", frames.encode_info(INFO)),
             "as_router_sends": True,
         },
+        "snapshot_request_dealer": {"frames": frames.pack_snapshot_request(0)},
+        "snapshot_info_reply_with_topic": {
+            "frames": frames.pack_info_reply_with_topic(
+                b"id", b"kv", frames.encode_info(msgspec.structs.replace(INFO, snapshots=True))
+            ),
+            "as_router_sends": True,
+        },
     }
     for name, case in frame_cases.items():
         case["frames"] = [f.hex() for f in case["frames"]]

@@ -36,7 +36,7 @@ def test_start_seq_longer_than_8_bytes_is_invalid() -> None:
 
 def test_dealer_request_and_router_view() -> None:
     assert frames.pack_replay_request(10) == (b"", b"\x00" * 7 + b"\x0a")
-    assert frames.parse_replay_request([b"id", b"", b"\x00\x0a"]) == (b"id", 10, False)
+    assert frames.parse_replay_request([b"id", b"", b"\x00\x0a"]) == (b"id", 10, "")
     with pytest.raises(FrameError):
         frames.parse_replay_request([b"id", b"\x00\x0a"])
     with pytest.raises(FrameError):
@@ -48,9 +48,12 @@ def test_info_request_and_reply_frames() -> None:
     publishers answer with a bare END marker; kvevents answers END_SEQ + PublisherInfo."""
     request = frames.pack_info_request()
     assert request == (b"", frames.END_SEQ)
-    assert frames.parse_replay_request([b"id", *request]) == (b"id", frames.END_SEQ_INT, False)
+    assert frames.parse_replay_request([b"id", *request]) == (b"id", frames.END_SEQ_INT, "")
     flagged = frames.pack_replay_request_with_info(7)
-    assert frames.parse_replay_request([b"id", *flagged]) == (b"id", 7, True)
+    assert frames.parse_replay_request([b"id", *flagged]) == (b"id", 7, "info")
+    snapshot = frames.pack_snapshot_request(0)
+    assert snapshot == (b"", b"\x00" * 8, b"snap")
+    assert frames.parse_replay_request([b"id", *snapshot]) == (b"id", 0, "snapshot")
     info = frames.PublisherInfo(
         instance=b"i" * 16,
         next_seq=9,

@@ -10,7 +10,7 @@ import kvevents
 from tests.support import GOLDENS
 from tests.wire.goldens_cases import build
 
-UPDATE = "pytest tests/test_goldens.py --update-goldens   (or: nox -s update_goldens)"
+UPDATE = "pytest tests/wire/test_goldens.py --update-goldens   (or: nox -s update_goldens)"
 BUILT = build()
 
 

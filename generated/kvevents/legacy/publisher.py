@@ -21,6 +21,7 @@ from ..events import KVEventBatch as CanonicalBatch
 from ..frames import END_SEQ
 from ..wire import WIRE
 from .config import KVEventsConfig
+from .snapshot import SHAPE
 from .structs import EventBatch
 
 logger = logging.getLogger("kvevents.legacy")
@@ -77,7 +78,9 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
     Arguments are the producer's; the keyword-only ones are kvevents' own:
     `queue_full_policy` ("drop_newest", "drop_oldest" or "block" up to `block_timeout`
     seconds), `replay_reply_topic` (None: without the topic frame, as SGLang 0.4.7-0.5.6), and
-    `shutdown_timeout` (seconds shutdown() waits for the queue to drain).
+    `shutdown_timeout` (seconds shutdown() waits for the queue to drain), and `snapshots`
+    (keep the set of blocks live by what was published and serve it to subscribers that
+    lost history; memory grows with the live blocks, see README "State snapshots").
     """
 
     wire = WIRE
@@ -99,6 +102,7 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
         block_timeout: float = 0.01,
         replay_reply_topic: bool | None = None,
         shutdown_timeout: float | None = None,
+        snapshots: bool = False,
     ) -> None:
         EventPublisher.__init__(self, attn_dp_rank)
         self._dp_rank = attn_dp_rank
@@ -117,6 +121,7 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
             with_topic,
             shutdown_timeout,
             dialect=DIALECT,
+            snapshot_shape=SHAPE if snapshots else None,
         )
 
     def publish(self, events: EventBatch) -> None:

@@ -23,6 +23,7 @@ from ..events import KVEventBatch as CanonicalBatch
 from ..frames import END_SEQ
 from ..wire import WIRE
 from .config import KVEventsConfig
+from .snapshot import SHAPE
 from .structs import EventBatch
 
 logger = logging.getLogger("kvevents.vllm")
@@ -91,7 +92,9 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
     Arguments are the producer's; the keyword-only ones are kvevents' own:
     `queue_full_policy` ("drop_newest", "drop_oldest" or "block" up to `block_timeout`
     seconds), `replay_reply_topic` (None: with the topic frame, as vLLM 0.33.0), and
-    `shutdown_timeout` (seconds shutdown() waits for the queue to drain).
+    `shutdown_timeout` (seconds shutdown() waits for the queue to drain), and `snapshots`
+    (keep the set of blocks live by what was published and serve it to subscribers that
+    lost history; memory grows with the live blocks, see README "State snapshots").
     """
 
     wire = WIRE
@@ -113,6 +116,7 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
         block_timeout: float = 0.01,
         replay_reply_topic: bool | None = None,
         shutdown_timeout: float | None = None,
+        snapshots: bool = False,
     ) -> None:
         EventPublisher.__init__(self, data_parallel_rank)
         self._dp_rank = data_parallel_rank
@@ -132,6 +136,7 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
             shutdown_timeout,
             resolve_ephemeral=_bind_node_ip,
             dialect=DIALECT,
+            snapshot_shape=SHAPE if snapshots else None,
         )
         # As vLLM 0.33.0: the configured endpoints (wildcards kept), ephemeral ports resolved.
         self._config = KVEventsConfig(

@@ -1,0 +1,287 @@
+"""State snapshots: the publisher's live block set, served and applied.
+
+Invariants checked:
+- the block set equals a reference model of what was published (stores minus removals per
+  tier, emptied by AllBlocksCleared), tokens and extra keys included;
+- a snapshot rebuilt from it, applied to an empty state, gives that same state, for every
+  dialect's event shape (vLLM's tiers and extra keys, SGLang's token pairs);
+- over real sockets, a consumer that loses history (a replay buffer too small, a slow
+  consumer whose live socket overflows, a late join) ends with exactly the publisher's state.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvevents import Subscriber, sglang, vllm
+from kvevents.sglang.snapshot import SHAPE as SGLANG_SHAPE
+from kvevents.vllm.snapshot import SHAPE as VLLM_SHAPE
+from kvevents_runtime.blockset import MAX_BLOCKS_PER_BATCH, BlockSet
+
+LOOPBACK = "tcp://127.0.0.1:0"
+BLOCK = 4
+
+Reference = dict[Any, dict[int, tuple[Any, tuple[Any, ...], Any]]]
+"""tier (medium) -> block hash -> (parent, tokens, extra key), in store order."""
+
+
+def apply_reference(state: Reference, event: Any) -> None:
+    kind = type(event).__name__
+    if kind == "AllBlocksCleared":
+        state.clear()
+        return
+    tier = state.setdefault(getattr(event, "medium", None), {})
+    if kind == "BlockRemoved":
+        for h in event.block_hashes:
+            tier.pop(h, None)
+        return
+    parent = event.parent_block_hash
+    extra = getattr(event, "extra_keys", None)
+    for i, h in enumerate(event.block_hashes):
+        tokens = tuple(event.token_ids[i * BLOCK : (i + 1) * BLOCK])
+        tier.pop(h, None)
+        tier[h] = (parent, tokens, None if extra is None else extra[i])
+        parent = h
+
+
+def live_state(state: Reference) -> Reference:
+    return {tier: blocks for tier, blocks in state.items() if blocks}
+
+
+def operations(pairs: bool):
+    token = st.tuples(st.integers(0, 9), st.integers(0, 9)) if pairs else st.integers(0, 2**32 - 1)
+    store = st.tuples(
+        st.just("store"),
+        st.lists(st.integers(0, 40), min_size=1, max_size=6, unique=True),
+        st.booleans(),  # chained to the previous store's last block
+        st.sampled_from(["GPU", "CPU"]),
+        st.lists(token, min_size=6 * BLOCK, max_size=6 * BLOCK),
+        st.sampled_from([None, 1]),
+    )
+    remove = st.tuples(
+        st.just("remove"), st.lists(st.integers(0, 40), max_size=6), st.sampled_from(["GPU", "CPU"])
+    )
+    return st.lists(st.one_of(store, store, remove, st.tuples(st.just("clear"))), max_size=40)
+
+
+def build_events(ops: list[tuple], structs: Any, with_extra: bool) -> list[Any]:
+    events: list[Any] = []
+    last = None
+    for op in ops:
+        if op[0] == "store":
+            hashes, chained, medium, tokens, lora = op[1:]
+            extra = {
+                "extra_keys": [("k", h) if h % 2 else None for h in hashes],
+                "lora_name": None,
+            }
+            events.append(
+                structs.BlockStored(
+                    block_hashes=hashes,
+                    parent_block_hash=last if chained else None,
+                    token_ids=tokens[: len(hashes) * BLOCK],
+                    block_size=BLOCK,
+                    lora_id=lora,
+                    medium=medium,
+                    **(extra if with_extra else {}),
+                )
+            )
+            last = hashes[-1]
+        elif op[0] == "remove":
+            events.append(structs.BlockRemoved(block_hashes=op[1], medium=op[2]))
+        else:
+            events.append(structs.AllBlocksCleared())
+    return events
+
+
+def as_reference(blocks: BlockSet) -> Reference:
+    out: Reference = {}
+    for events in blocks.freeze():
+        for event in events:
+            apply_reference(out, event)
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=operations(pairs=False))
+def test_a_vllm_snapshot_rebuilds_the_published_state(ops: list[tuple]) -> None:
+    events = build_events(ops, vllm, with_extra=True)
+    blocks = BlockSet(VLLM_SHAPE)
+    truth: Reference = {}
+    for event in events:
+        blocks.apply(vllm.KVEventBatch(ts=0.0, events=[event]))
+        apply_reference(truth, event)
+    assert blocks.untracked == 0
+    assert len(blocks) == sum(len(t) for t in truth.values())
+    assert live_state(as_reference(blocks)) == live_state(truth)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=operations(pairs=True))
+def test_an_sglang_snapshot_with_token_pairs_rebuilds_the_published_state(ops: list[tuple]) -> None:
+    events = build_events(ops, sglang, with_extra=False)
+    blocks = BlockSet(SGLANG_SHAPE)
+    truth: Reference = {}
+    for event in events:
+        blocks.apply(sglang.KVEventBatch(ts=0.0, events=[event]))
+        apply_reference(truth, event)
+    assert live_state(as_reference(blocks)) == live_state(truth)
+
+
+def test_snapshot_batches_are_bounded_and_unknown_events_are_counted() -> None:
+    blocks = BlockSet(VLLM_SHAPE)
+    hashes = list(range(3 * MAX_BLOCKS_PER_BATCH + 5))
+    stored = vllm.BlockStored(
+        block_hashes=hashes,
+        parent_block_hash=None,
+        token_ids=[1] * (len(hashes) * BLOCK),
+        block_size=BLOCK,
+        lora_id=None,
+        medium="GPU",
+        lora_name=None,
+    )
+    blocks.apply(vllm.KVEventBatch(ts=0.0, events=[stored, "not an event"]))
+    assert blocks.untracked == 1
+    sizes = [sum(len(e.block_hashes) for e in part) for part in blocks.freeze()]
+    assert sizes == [MAX_BLOCKS_PER_BATCH] * 3 + [5]
+
+
+# -- over real sockets ------------------------------------------------------------------
+
+
+def random_batches(count: int, seed: int) -> list[vllm.KVEventBatch]:
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for n in range(count):
+        events: list[Any] = []
+        base = rng.randrange(0, 400)
+        hashes = [base * 8 + i for i in range(rng.randint(1, 4))]
+        events.append(
+            vllm.BlockStored(
+                block_hashes=hashes,
+                parent_block_hash=None,
+                token_ids=[rng.randrange(50_000) for _ in range(len(hashes) * BLOCK)],
+                block_size=BLOCK,
+                lora_id=None,
+                medium="GPU",
+                lora_name=None,
+            )
+        )
+        if rng.random() < 0.4:
+            events.append(
+                vllm.BlockRemoved(
+                    block_hashes=[rng.randrange(0, 400) * 8 + i for i in range(2)], medium="GPU"
+                )
+            )
+        if n == count // 3:
+            events.append(vllm.AllBlocksCleared())
+        out.append(vllm.KVEventBatch(ts=float(n), events=events))
+    return out
+
+
+class Consumer:
+    """What a router keeps: the blocks per source, rebuilt from deliveries and snapshots."""
+
+    def __init__(self) -> None:
+        self.state: Reference = {}
+        self.snapshots = 0
+
+    def take(self, delivery: Any) -> None:
+        if delivery.snapshot:
+            self.state = {}
+            self.snapshots += 1
+        for event in delivery.batch.events:
+            apply_reference(self.state, event)
+
+
+def truth_of(batches: list[vllm.KVEventBatch]) -> Reference:
+    truth: Reference = {}
+    for b in batches:
+        for event in b.events:
+            apply_reference(truth, event)
+    return live_state(truth)
+
+
+def drive(sub: Subscriber, consumer: Consumer, until: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until():
+        for delivery in sub.poll(0.05):
+            consumer.take(delivery)
+
+
+@pytest.mark.parametrize("join", ["start", "first_seen"])
+def test_a_late_subscriber_heals_from_a_snapshot(publishers, join: str) -> None:
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8, snapshots=True)
+    publishers.append(pub)
+    batches = random_batches(300, seed=1)
+    for b in batches:
+        pub.publish(b)
+    deadline = time.monotonic() + 10
+    while pub.counters()["next_seq"] < len(batches) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    consumer = Consumer()
+    with Subscriber(pub.connect_endpoint, pub.connect_replay_endpoint, join=join) as sub:  # type: ignore[arg-type]
+        if join == "first_seen":
+            tail = random_batches(5, seed=2)
+            batches += tail
+
+            def publish_tail() -> None:
+                for b in tail:
+                    pub.publish(b)
+
+            drive(sub, consumer, lambda: False, timeout=0.3)
+            publish_tail()
+        drive(sub, consumer, lambda: live_state(consumer.state) == truth_of(batches))
+        stats = dict(sub.stats)
+    assert live_state(consumer.state) == truth_of(batches), stats
+    if join == "start":
+        assert stats["history_lost"] > 0 and stats["snapshots"] == 1, stats
+
+
+def test_a_slow_consumer_that_overflows_heals(publishers) -> None:
+    """Both high-water marks are tiny and the consumer does not read while 2,000 batches go
+    out: the PUB drops most of them, the replay buffer reaches back 16, and only the snapshot
+    brings the consumer's state back to the publisher's."""
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=16, hwm=8, snapshots=True)
+    publishers.append(pub)
+    consumer = Consumer()
+    batches = random_batches(2000, seed=3)
+    with Subscriber(
+        pub.connect_endpoint,
+        pub.connect_replay_endpoint,  # type: ignore[arg-type]
+        rcvhwm=8,
+        idle_probe=0.2,
+    ) as sub:
+        drive(sub, consumer, lambda: False, timeout=0.5)  # joined and connected
+        for b in batches:
+            pub.publish(b)
+        time.sleep(0.5)
+        drive(sub, consumer, lambda: live_state(consumer.state) == truth_of(batches))
+        stats = dict(sub.stats)
+    assert live_state(consumer.state) == truth_of(batches), stats
+    assert stats["history_lost"] > 0 and consumer.snapshots >= 1, stats
+
+
+def test_without_snapshots_the_loss_is_only_reported(publishers) -> None:
+    """The same late join against a publisher without snapshots: history_lost, and no
+    snapshot is asked for (the info reply says the publisher has none)."""
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8)
+    publishers.append(pub)
+    batches = random_batches(100, seed=4)
+    for b in batches:
+        pub.publish(b)
+    deadline = time.monotonic() + 10
+    while pub.counters()["next_seq"] < len(batches) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    consumer = Consumer()
+    with Subscriber(pub.connect_endpoint, pub.connect_replay_endpoint) as sub:  # type: ignore[arg-type]
+        drive(sub, consumer, lambda: sub.stats["delivered"] >= 8, timeout=10)
+        stats = dict(sub.stats)
+    assert stats["history_lost"] == 92 and stats["snapshots_requested"] == 0, stats
+    assert live_state(consumer.state) != truth_of(batches)

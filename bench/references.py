@@ -47,7 +47,7 @@ def _pip() -> list[str]:
 def fetch_wheel(reference: Reference) -> Path:
     """The cached wheel, downloaded first if needed."""
     project, version = reference.requirement.split("==")
-    pattern = f"{project}-{version}-*.whl"
+    pattern = f"{project.replace('-', '_')}-{version}-*.whl"
     wheels = sorted(CACHE.glob(pattern))
     if wheels:
         return wheels[0]

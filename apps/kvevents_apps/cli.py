@@ -121,6 +121,33 @@ def demo(args: argparse.Namespace) -> int:
     return run_demo(batches=args.batches, dialect=args.dialect, port=args.port, quiet=args.quiet)
 
 
+def index(args: argparse.Namespace) -> int:
+    from .indexd import parse_workers, serve
+
+    try:
+        workers = parse_workers(args.workers or "")
+        replay = {(w, dp): ep for w, dp, ep in parse_workers(args.replay or "")}
+    except ValueError as exc:
+        print(f"kvevents index: {exc}", file=sys.stderr)
+        return 2
+    unknown = set(replay) - {(w, dp) for w, dp, _ in workers}
+    if unknown:
+        print(
+            f"kvevents index: --replay names workers not in --workers: {sorted(unknown)}",
+            file=sys.stderr,
+        )
+        return 2
+    return serve(
+        host=args.host,
+        port=args.port,
+        block_size=args.block_size,
+        model_name=args.model_name,
+        routing_group=args.routing_group,
+        workers=workers,
+        replay=replay,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvevents", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +185,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_demo.add_argument("--quiet", action="store_true", help="no progress lines")
     p_demo.set_defaults(func=demo)
+    p_index = commands.add_parser(
+        "index", help="serve a KV prefix index over HTTP with Dynamo's standalone indexer API"
+    )
+    p_index.add_argument("--port", type=int, default=8090, help="HTTP port (default 8090)")
+    p_index.add_argument(
+        "--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1; 0.0.0.0 for all)"
+    )
+    p_index.add_argument(
+        "--block-size", type=int, default=16, help="block size of --workers (default 16)"
+    )
+    p_index.add_argument(
+        "--workers",
+        metavar="LIST",
+        help='initial workers as "id[:dp_rank]=tcp://host:port,..." (Dynamo\'s syntax)',
+    )
+    p_index.add_argument(
+        "--replay", metavar="LIST", help="their replay endpoints, in the same form as --workers"
+    )
+    p_index.add_argument("--model-name", default="default", help="model of --workers")
+    p_index.add_argument("--routing-group", default="default", help="routing group of --workers")
+    p_index.set_defaults(func=index)
     return parser
 
 

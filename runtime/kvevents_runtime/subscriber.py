@@ -210,8 +210,8 @@ class Subscriber:
         pairs = list(sources or [])
         if endpoint is not None:
             pairs.insert(0, (endpoint, replay_endpoint))
-        if not pairs:
-            raise ValueError("give an endpoint or sources")
+        if not pairs and sources is None:
+            raise ValueError("give an endpoint or sources (sources=[] to add them later)")
         self._topic = topic.encode("utf-8")
         self._join = join
         self._max_buffered = max_buffered

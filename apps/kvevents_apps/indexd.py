@@ -1,0 +1,482 @@
+"""`kvevents index`: the prefix index as an HTTP service with the API of Dynamo's standalone
+indexer (`python -m dynamo.indexer`), so its clients can point at it unchanged.
+
+Endpoints, bodies and status codes are Dynamo 1.6.1's (../shared/reference/index_router.md):
+POST /register, /unregister, /query, /query_by_hash; GET /workers, /dump, /health, /metrics.
+Differences, on purpose: every error body is one line of JSON (Dynamo answers a malformed
+body in plain text), stale workers are left out of `scores` and listed under `stale`, and
+/metrics names are `kvevents_index_*`.
+
+A raw ASGI application on uvicorn: JSON in and out with msgspec, one `LiveIndex` (one
+asyncio subscriber) per (model_name, routing_group), each fed by its own task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from kvevents.index import LiveIndex, Match
+
+logger = logging.getLogger("kvevents.index")
+
+MAX_BODY = 8 * 1024 * 1024
+"""Request bodies over 8 MiB (Dynamo's limit) are refused with 413 before they are parsed."""
+U64 = (1 << 64) - 1
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Register(msgspec.Struct, kw_only=True):
+    instance_id: Annotated[int, Meta(ge=0)]
+    endpoint: str
+    model_name: str = "default"
+    block_size: Annotated[int, Meta(ge=1, le=2**32 - 1)] | None = None
+    dp_rank: Annotated[int, Meta(ge=0, le=2**32 - 1)] = 0
+    replay_endpoint: str | None = None
+    routing_group: str = "default"
+    tenant_id: Any = None
+    additional_salt: Any = None
+    additionalsalt: Any = None
+
+
+class Unregister(msgspec.Struct, kw_only=True):
+    instance_id: Annotated[int, Meta(ge=0)]
+    model_name: str = "default"
+    routing_group: str = "default"
+    dp_rank: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
+
+
+class Query(msgspec.Struct, kw_only=True):
+    token_ids: list[Annotated[int, Meta(ge=0, le=2**32 - 1)]]
+    model_name: str = "default"
+    routing_group: str = "default"
+    lora_name: str | None = None
+    cache_salt: str | None = None
+
+
+class QueryByHash(msgspec.Struct, kw_only=True):
+    block_hashes: list[int]
+    """Dynamo LocalBlockHash values, signed (as Dynamo sends them) or unsigned 64-bit."""
+    model_name: str = "default"
+    routing_group: str = "default"
+    cache_salt: Any = msgspec.UNSET
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_decoders = {
+    kind: msgspec.json.Decoder(kind) for kind in (Register, Unregister, Query, QueryByHash)
+}
+_encode = msgspec.json.Encoder().encode
+_JSON = [(b"content-type", b"application/json")]
+
+
+class IndexService:
+    """The ASGI application. `workers` and `replay` are `--workers`/`--replay` entries
+    registered at start-up under `model_name`/`routing_group` with `block_size`."""
+
+    def __init__(
+        self,
+        block_size: int = 16,
+        model_name: str = "default",
+        routing_group: str = "default",
+        workers: list[tuple[int, int, str]] = (),  # type: ignore[assignment]
+        replay: dict[tuple[int, int], str] | None = None,
+        subscriber_options: dict[str, Any] | None = None,
+        max_body: int = MAX_BODY,
+    ) -> None:
+        self.block_size = block_size
+        self.model_name = model_name
+        self.routing_group = routing_group
+        self.initial = list(workers)
+        self.initial_replay = dict(replay or {})
+        self.subscriber_options = dict(subscriber_options or {})
+        self.max_body = max_body
+        self.indexes: dict[tuple[str, str], LiveIndex] = {}
+        self._feeders: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.requests = 0
+        self.errors = 0
+        self._routes: dict[tuple[str, str], Callable[[bytes, Scope], Awaitable[tuple[int, Any]]]]
+        self._routes = {
+            ("POST", "/register"): self.register,
+            ("POST", "/unregister"): self.unregister,
+            ("POST", "/query"): self.query,
+            ("POST", "/query_by_hash"): self.query_by_hash,
+            ("GET", "/workers"): self.workers,
+            ("GET", "/dump"): self.dump,
+            ("GET", "/health"): self.health,
+        }
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for worker_id, dp_rank, endpoint in self.initial:
+            replay = self.initial_replay.get((worker_id, dp_rank))
+            live = self._index_for(self.model_name, self.routing_group, self.block_size)
+            await live.register(worker_id, endpoint, replay, dp_rank)
+
+    async def stop(self) -> None:
+        for key, live in list(self.indexes.items()):
+            await live.close()
+            task = self._feeders.pop(key)
+            try:
+                await asyncio.wait_for(task, 5)
+            except (TimeoutError, RuntimeError):
+                task.cancel()
+        self.indexes.clear()
+
+    def _index_for(self, model: str, group: str, block_size: int) -> LiveIndex:
+        key = (model, group)
+        live = self.indexes.get(key)
+        if live is None:
+            live = LiveIndex(block_size, **self.subscriber_options)
+            self.indexes[key] = live
+            self._feeders[key] = asyncio.get_running_loop().create_task(self._feed(live))
+        return live
+
+    @staticmethod
+    async def _feed(live: LiveIndex) -> None:
+        try:
+            await live.run()
+        except RuntimeError:
+            pass  # the subscriber was closed under a poll at shutdown
+
+    # -- ASGI ---------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        self.requests += 1
+        path = scope["path"]
+        method = scope["method"]
+        if path == "/metrics" and method == "GET":
+            body, content_type = self.metrics()
+            await _respond(send, 200, body, [(b"content-type", content_type.encode())])
+            return
+        route = self._routes.get((method, path))
+        try:
+            if route is None:
+                known = any(p == path for _, p in self._routes) or path == "/metrics"
+                raise HttpError(405 if known else 404, f"no route {method} {path}")
+            body = await self._read(scope, receive)
+            status, answer = await route(body, scope)
+        except HttpError as exc:
+            self.errors += 1
+            status, answer = exc.status, {"error": str(exc)}
+        await _respond(send, status, _encode(answer), _JSON)
+
+    async def _read(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.max_body
+        for name, value in scope["headers"]:
+            if name == b"content-length" and int(value or 0) > limit:
+                raise HttpError(413, f"request body over {limit} bytes")
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, f"request body over {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- handlers -----------------------------------------------------------------------
+
+    async def register(self, body: bytes, scope: Scope) -> tuple[int, Any]:
+        request = _parse(Register, body)
+        for endpoint in filter(None, (request.endpoint, request.replay_endpoint)):
+            _check_endpoint(endpoint)
+        key = (request.model_name, request.routing_group)
+        existing = self.indexes.get(key)
+        block_size = request.block_size or (existing.index.block_size if existing else None)
+        if block_size is None:
+            raise HttpError(400, "block_size is required for the first worker of a model")
+        if existing is not None and existing.index.block_size != block_size:
+            raise HttpError(
+                400,
+                f"block_size {block_size} differs from {existing.index.block_size} "
+                f"of model={request.model_name} routing_group={request.routing_group}",
+            )
+        live = self._index_for(*key, block_size)
+        try:
+            await live.register(
+                request.instance_id, request.endpoint, request.replay_endpoint, request.dp_rank
+            )
+        except KeyError as exc:
+            raise HttpError(409, exc.args[0]) from None
+        except (ValueError, OSError) as exc:
+            raise HttpError(400, f"invalid ZMQ endpoint {request.endpoint!r}: {exc}") from None
+        return 201, {"status": "ok"}
+
+    async def unregister(self, body: bytes, scope: Scope) -> tuple[int, Any]:
+        request = _parse(Unregister, body)
+        live = self.indexes.get((request.model_name, request.routing_group))
+        removed = 0 if live is None else await live.unregister(request.instance_id, request.dp_rank)
+        if not removed:
+            rank = "" if request.dp_rank is None else f" dp_rank {request.dp_rank}"
+            raise HttpError(404, f"instance {request.instance_id}{rank} is not registered")
+        return 200, {"status": "ok"}
+
+    async def query(self, body: bytes, scope: Scope) -> tuple[int, Any]:
+        request = _parse(Query, body)
+        live = self._live(request.model_name, request.routing_group)
+        answer = live.index.query(request.token_ids, request.lora_name, request.cache_salt)
+        return 200, _scores(answer, live.index.block_size)
+
+    async def query_by_hash(self, body: bytes, scope: Scope) -> tuple[int, Any]:
+        request = _parse(QueryByHash, body)
+        if request.cache_salt is not msgspec.UNSET:
+            raise HttpError(400, "cache_salt is not supported by query_by_hash: salt the hashes")
+        if any(not -(2**63) <= h <= U64 for h in request.block_hashes):
+            raise HttpError(422, "block_hashes must be 64-bit integers")
+        live = self._live(request.model_name, request.routing_group)
+        answer = live.index.match([h & U64 for h in request.block_hashes])
+        return 200, _scores(answer, live.index.block_size)
+
+    async def workers(self, body: bytes, scope: Scope) -> tuple[int, Any]:
+        wanted = _query_string(scope)
+        out: dict[int, dict[str, Any]] = {}
+        for (model, group), live in self.indexes.items():
+            if wanted.get("model_name", model) != model:
+                continue
+            if wanted.get("routing_group", group) != group:
+                continue
+            for (worker_id, dp_rank), (endpoint, replay) in live.endpoints.items():
+                entry = out.setdefault(
+                    worker_id,
+                    {
+                        "instance_id": worker_id,
+                        "source": "zmq",
+                        "status": "active",
+                        "model_name": model,
+                        "routing_group": group,
+                        "block_size": live.index.block_size,
+                        "endpoints": {},
+                        "listeners": {},
+                    },
+                )
+                stale = (worker_id, dp_rank) in live.index.stale
+                entry["endpoints"][str(dp_rank)] = endpoint
+                entry["listeners"][str(dp_rank)] = {
+                    "endpoint": endpoint,
+                    "replay_endpoint": replay,
+                    "status": "stale" if stale else "active",
+                }
+        return 200, list(out.values())
+
+    async def dump(self, body: bytes, scope: Scope) -> tuple[int, Any]:
+        out = {}
+        for (model, group), live in self.indexes.items():
+            events = []
+            event_id = 0
+            for worker_id, dp_rank in live.index.workers:
+                for parent, blocks in live.index.chains((worker_id, dp_rank)):
+                    event_id += 1
+                    stored = {
+                        "parent_hash": None if parent is None else _u64(parent),
+                        "blocks": [
+                            {"block_hash": _u64(h), "tokens_hash": key} for h, key in blocks
+                        ],
+                    }
+                    events.append(
+                        {
+                            "worker_id": worker_id,
+                            "event": {
+                                "event_id": event_id,
+                                "data": {"stored": stored},
+                                "dp_rank": dp_rank,
+                            },
+                        }
+                    )
+            out[f"{model}:{group}"] = {"block_size": live.index.block_size, "events": events}
+        return 200, out
+
+    async def health(self, body: bytes, scope: Scope) -> tuple[int, Any]:
+        return 200, {"status": "ok"}
+
+    def _live(self, model: str, group: str) -> LiveIndex:
+        live = self.indexes.get((model, group))
+        if live is None:
+            raise HttpError(404, f"no indexer for model={model} routing_group={group}")
+        return live
+
+    # -- metrics ------------------------------------------------------------------------
+
+    def metrics(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+
+        service = self
+
+        class Collector:
+            def collect(self) -> Any:
+                labels = ["model_name", "routing_group"]
+                counters = CounterMetricFamily(
+                    "kvevents_index_events",
+                    "Index anomalies and work, by kind",
+                    labels=[*labels, "kind"],
+                )
+                entries = GaugeMetricFamily(
+                    "kvevents_index_entries", "(worker, block) entries held", labels=labels
+                )
+                stale = GaugeMetricFamily(
+                    "kvevents_index_stale_workers", "Workers marked stale", labels=labels
+                )
+                workers = GaugeMetricFamily(
+                    "kvevents_index_workers", "Registered (worker, dp_rank) pairs", labels=labels
+                )
+                for (model, group), live in service.indexes.items():
+                    for kind, value in {**live.index.counters, **live.counters}.items():
+                        counters.add_metric([model, group, kind], value)
+                    entries.add_metric([model, group], live.index.entries())
+                    stale.add_metric([model, group], len(live.index.stale))
+                    workers.add_metric([model, group], len(live.workers))
+                requests = CounterMetricFamily(
+                    "kvevents_index_http_requests",
+                    "HTTP requests, and those answered with an error",
+                    labels=["outcome"],
+                )
+                requests.add_metric(["all"], service.requests)
+                requests.add_metric(["error"], service.errors)
+                yield from (counters, entries, stale, workers, requests)
+
+        registry = CollectorRegistry()
+        registry.register(Collector())  # type: ignore[arg-type]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def _scores(answer: dict[Any, Match], block_size: int) -> dict[str, Any]:
+    scores: dict[str, dict[str, int]] = {}
+    instances: dict[str, dict[str, Any]] = {}
+    stale: dict[str, dict[str, int]] = {}
+    for (worker_id, dp_rank), match in answer.items():
+        tokens = match.blocks * block_size
+        worker, rank = str(worker_id), str(dp_rank)
+        if match.stale:
+            stale.setdefault(worker, {})[rank] = tokens
+            continue
+        scores.setdefault(worker, {})[rank] = tokens
+        entry = instances.get(worker)
+        tiers = {name: getattr(match, name) * block_size for name in ("gpu", "cpu", "disk")}
+        if entry is None:
+            instances[worker] = {"longest_matched": tokens, **tiers, "dp": {rank: tokens}}
+        else:
+            entry["longest_matched"] = max(entry["longest_matched"], tokens)
+            for name, value in tiers.items():
+                entry[name] = max(entry[name], value)
+            entry["dp"][rank] = tokens
+    out: dict[str, Any] = {"scores": scores, "frequencies": [], "instances": instances}
+    if stale:
+        out["stale"] = stale
+    return out
+
+
+def _parse(kind: type[Any], body: bytes) -> Any:
+    try:
+        return _decoders[kind].decode(body)
+    except msgspec.ValidationError as exc:
+        raise HttpError(422, f"invalid {kind.__name__.lower()} request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise HttpError(400, f"malformed JSON body: {exc}") from None
+
+
+def _check_endpoint(endpoint: str) -> None:
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        raise HttpError(400, f"invalid ZMQ endpoint {endpoint!r}: missing scheme")
+    if scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise HttpError(400, f"invalid ZMQ endpoint {endpoint!r}: unsupported scheme {scheme!r}")
+
+
+def _u64(value: Any) -> int:
+    if isinstance(value, bytes):
+        return int.from_bytes(value, "big") & U64
+    return int(value) & U64
+
+
+def _query_string(scope: Scope) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def parse_workers(text: str) -> list[tuple[int, int, str]]:
+    """Dynamo's `--workers` syntax: "id[:dp]=endpoint,id2=endpoint2" (ValueError when not)."""
+    out = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, endpoint = entry.partition("=")
+        if not sep or not endpoint:
+            raise ValueError(f"worker entry {entry!r} is not id[:dp_rank]=endpoint")
+        worker, _, rank = key.partition(":")
+        try:
+            out.append((int(worker), int(rank or 0), endpoint))
+        except ValueError:
+            raise ValueError(f"worker entry {entry!r}: id and dp_rank must be integers") from None
+    return out
+
+
+def serve(
+    host: str,
+    port: int,
+    block_size: int,
+    model_name: str,
+    routing_group: str,
+    workers: list[tuple[int, int, str]],
+    replay: dict[tuple[int, int], str],
+) -> int:
+    """Run the service until interrupted (uvicorn, httptools, uvloop when installed)."""
+    try:
+        import uvicorn
+    except ImportError:
+        print("kvevents index needs its extra: pip install 'kvevents[index]'", file=sys.stderr)
+        return 2
+    app = IndexService(block_size, model_name, routing_group, workers, replay)
+    config = uvicorn.Config(
+        app, host=host, port=port, lifespan="on", access_log=False, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    print(
+        f"kvevents index: serving on http://{host}:{port} ({len(workers)} workers)", file=sys.stderr
+    )
+    server.run()
+    return 0

@@ -1,0 +1,260 @@
+"""The prefix index equals a reference model of the engines' caches.
+
+The model keeps, per worker, each engine block hash's token path (the tuple of local
+hashes from the root) and tiers, applying the stated semantics in the most direct way:
+a store under an unknown parent is skipped and marks the worker stale, a removal takes
+exactly the named block (descendants stay), a clear empties that worker only. A query's
+answer for a worker is the longest run of leading blocks whose paths the worker holds.
+Hypothesis drives both with random stores (chained, re-stored, unknown parents, tiers, LoRA
+names), removals (known, unknown, interior), clears, resyncs and worker removals, over
+many workers sharing prefixes, and compares every answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvevents.index import PrefixIndex, local_block_hashes
+from kvevents_runtime.prefix import CPU, GPU, TIER_OF_MEDIUM
+
+BS = 2
+WORKERS = [(1, 0), (1, 1), (2, 0)]
+BLOCKS = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=4)
+"""Token blocks from a tiny alphabet, so workers share paths often."""
+
+
+class Reference:
+    """Per worker: the token paths it holds with their tiers, and one engine id per path."""
+
+    def __init__(self) -> None:
+        self.paths: dict[Any, dict[tuple[int, ...], set[int]]] = {}
+        self.names: dict[Any, dict[Any, tuple[int, ...]]] = {}
+        self.stale: set[Any] = set()
+
+    def forget(self, w: Any) -> None:
+        self.paths.pop(w, None)
+        self.names.pop(w, None)
+
+    def store(self, w: Any, parent: Any, hashes: list[int], keys: list[int], tier: int) -> None:
+        paths = self.paths.setdefault(w, {})
+        names = self.names.setdefault(w, {})
+        if parent is None:
+            path: tuple[int, ...] = ()
+        elif parent in names:
+            path = names[parent]
+        else:
+            self.stale.add(w)
+            return
+        for h, k in zip(hashes, keys, strict=True):
+            path = (*path, k)
+            moved_from = names.get(h)
+            if moved_from is not None and moved_from != path:
+                del paths[moved_from]  # the id is stored again elsewhere: it moved
+            for other, named in list(names.items()):
+                if named == path and other != h:
+                    del names[other]  # the block was renamed
+            names[h] = path
+            paths[path] = paths.get(path, set()) | {tier}
+
+    def remove(self, w: Any, hashes: list[int], tier: int) -> None:
+        paths = self.paths.setdefault(w, {})
+        names = self.names.setdefault(w, {})
+        for h in hashes:
+            path = names.get(h)
+            if path is None or tier not in paths[path]:
+                self.stale.add(w)
+                continue
+            paths[path].discard(tier)
+            if not paths[path]:
+                del paths[path], names[h]
+
+    def match(self, keys: list[int]) -> dict[Any, int]:
+        out = {}
+        for w, held in self.paths.items():
+            depth = 0
+            while depth < len(keys) and tuple(keys[: depth + 1]) in held:
+                depth += 1
+            if depth:
+                out[w] = depth
+        return out
+
+
+class IndexMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = PrefixIndex(BS)
+        self.model = Reference()
+        self.next_hash = 100
+        self.stored: list[tuple[Any, int]] = []
+        self.paths: list[list[int]] = []
+        """Token sequences stored (flattened), to query with."""
+
+    def _hash(self) -> int:
+        self.next_hash += 1
+        return self.next_hash
+
+    @rule(
+        w=st.sampled_from(WORKERS),
+        blocks=BLOCKS,
+        parent_kind=st.sampled_from(["root", "known", "known", "unknown"]),
+        reuse=st.booleans(),
+        medium=st.sampled_from([None, "GPU", "CPU"]),
+        lora=st.sampled_from([None, "", "adapter"]),
+        pick=st.integers(0, 10_000),
+    )
+    def store(
+        self, w: Any, blocks: list, parent_kind: str, reuse: bool, medium: Any, lora: Any, pick: int
+    ) -> None:
+        mine = [h for ww, h in self.stored if ww == w]
+        parent: Any = None
+        if parent_kind == "known" and mine:
+            parent = mine[pick % len(mine)]
+        elif parent_kind == "unknown":
+            parent = 10**9 + pick
+        hashes = [self._hash() for _ in blocks]
+        if reuse and mine:
+            hashes[0] = mine[pick % len(mine)]  # an engine hash stored again, maybe elsewhere
+        tokens = [t for block in blocks for t in block]
+        keys = local_block_hashes(tokens, BS, lora)
+        event = BlockStored(
+            block_hashes=hashes,
+            parent_block_hash=parent,
+            token_ids=tokens,
+            block_size=BS,
+            medium=medium,
+            lora_name=lora,
+        )
+        self.index.apply(w, KVEventBatch(ts=0.0, events=[event]))
+        self.model.store(w, parent, hashes, keys, TIER_OF_MEDIUM[medium])
+        self.stored += [(w, h) for h in hashes]
+        self.paths.append(tokens)
+
+    @rule(
+        w=st.sampled_from(WORKERS),
+        picks=st.lists(st.integers(0, 10_000), min_size=1, max_size=3),
+        unknown=st.booleans(),
+        medium=st.sampled_from([None, "CPU"]),
+    )
+    def remove(self, w: Any, picks: list[int], unknown: bool, medium: Any) -> None:
+        mine = [h for ww, h in self.stored if ww == w]
+        hashes = [mine[p % len(mine)] for p in picks] if mine else []
+        if unknown or not hashes:
+            hashes.append(10**9 + picks[0])
+        hashes = list(dict.fromkeys(hashes))
+        event = BlockRemoved(block_hashes=hashes, medium=medium)
+        self.index.apply(w, KVEventBatch(ts=0.0, events=[event]))
+        self.model.remove(w, hashes, TIER_OF_MEDIUM[medium])
+
+    @rule(w=st.sampled_from(WORKERS))
+    def clear(self, w: Any) -> None:
+        self.index.apply(w, KVEventBatch(ts=0.0, events=[AllBlocksCleared()]))
+        self.model.forget(w)
+
+    @rule(w=st.sampled_from(WORKERS))
+    def resync_empty(self, w: Any) -> None:
+        self.index.resync(w)
+        self.model.forget(w)
+        self.model.stale.discard(w)
+
+    @rule(w=st.sampled_from(WORKERS))
+    def remove_worker(self, w: Any) -> None:
+        self.index.remove_worker(w)
+        self.model.forget(w)
+        self.model.stale.discard(w)
+
+    @rule(w=st.sampled_from(WORKERS), blocks=BLOCKS)
+    def partial_blocks_are_ignored(self, w: Any, blocks: list) -> None:
+        tokens = [t for block in blocks for t in block]
+        event = BlockStored(
+            block_hashes=[self._hash()], parent_block_hash=None, token_ids=tokens[:1], block_size=1
+        )
+        before = self.index.counters["partial_blocks"]
+        self.index.apply(w, KVEventBatch(ts=0.0, events=[event]))
+        assert self.index.counters["partial_blocks"] == before + 1
+
+    @precondition(lambda self: self.paths)
+    @rule(pick=st.integers(0, 10_000), extra=BLOCKS, cut=st.integers(0, 4))
+    def query_matches_the_model(self, pick: int, extra: list, cut: int) -> None:
+        tokens = self.paths[pick % len(self.paths)]
+        tokens = tokens[: max(0, len(tokens) - cut * BS)] + [t for b in extra for t in b]
+        for lora in (None, "adapter"):
+            keys = local_block_hashes(tokens, BS, lora)
+            got = {w: m.blocks for w, m in self.index.match(keys).items() if m.blocks}
+            assert got == self.model.match(keys), (tokens, lora)
+            answer = self.index.query(tokens, lora_name=lora)
+            assert {w: m.blocks for w, m in answer.items() if m.blocks} == got
+
+    @invariant()
+    def same_blocks_and_staleness(self) -> None:
+        for w in WORKERS:
+            assert self.index.block_count(w) == len(self.model.names.get(w, {}))
+        assert set(self.index.stale) == self.model.stale
+
+    @invariant()
+    def gpu_tier_is_within_the_match(self) -> None:
+        for tokens in self.paths[-3:]:
+            for w, m in self.index.query(tokens).items():
+                assert m.gpu <= m.cpu <= m.disk <= m.blocks
+                if all(tiers <= {GPU} for tiers in self.model.paths.get(w, {}).values()):
+                    assert m.gpu == m.blocks
+
+    @invariant()
+    def no_empty_leaves_are_kept(self) -> None:
+        stack = list(self.index.root.children.values())
+        while stack:
+            node = stack.pop()
+            assert node.workers or node.children, "a node nobody holds or leads through"
+            stack.extend(node.children.values())
+
+
+IndexMachine.TestCase.settings = settings(
+    max_examples=300,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_the_index_equals_the_reference_model = IndexMachine.TestCase
+
+
+def test_cpu_tier_counts_are_cumulative() -> None:
+    index = PrefixIndex(BS)
+    stored = BlockStored(
+        block_hashes=[1, 2, 3], parent_block_hash=None, token_ids=[1, 2, 3, 4, 5, 6], block_size=BS
+    )
+    index.apply((1, 0), KVEventBatch(ts=0.0, events=[stored]))
+    offload = BlockStored(
+        block_hashes=[1, 2, 3],
+        parent_block_hash=None,
+        token_ids=[1, 2, 3, 4, 5, 6],
+        block_size=BS,
+        medium="CPU",
+    )
+    index.apply((1, 0), KVEventBatch(ts=0.0, events=[offload]))
+    index.apply((1, 0), KVEventBatch(ts=0.0, events=[BlockRemoved(block_hashes=[2], medium="GPU")]))
+    match = index.query([1, 2, 3, 4, 5, 6])[(1, 0)]
+    assert (match.blocks, match.gpu, match.cpu, match.disk) == (3, 1, 3, 3)
+    assert CPU != GPU
+
+
+def test_a_gap_in_one_worker_never_lends_it_another_workers_blocks() -> None:
+    """Three workers hold one chain; worker 2 loses the second block, worker 3 the first.
+    At depth 2 the holders are {1, 3}: as many as {1, 2} that were active, which a
+    count-only walk (children's holders assumed a subset of their parent's) would take as no
+    change, over-counting worker 2 the way the issue saw in Dynamo's threaded index."""
+    index = PrefixIndex(BS)
+    tokens = [1, 2, 3, 4, 5, 6]
+    for worker in ((1, 0), (2, 0), (3, 0)):
+        stored = BlockStored(
+            block_hashes=[11, 12, 13], parent_block_hash=None, token_ids=tokens, block_size=BS
+        )
+        index.apply(worker, KVEventBatch(ts=0.0, events=[stored]))
+    index.apply((2, 0), KVEventBatch(ts=0.0, events=[BlockRemoved(block_hashes=[12])]))
+    index.apply((3, 0), KVEventBatch(ts=0.0, events=[BlockRemoved(block_hashes=[11])]))
+    got = {w: m.blocks for w, m in index.query(tokens).items()}
+    assert got == {(1, 0): 3, (2, 0): 1}
+    assert not index.stale

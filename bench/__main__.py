@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         report.to_json(results, verdict) + "\n", encoding="utf-8"
     )
     report.chart(verdict, args.out / "ratios.png")
+    if "index" in results:
+        report.index_chart(results, args.out / "index_ratios.png")
     print(text)
     met = sum(t["met"] for t in verdict)
     print(f"\n{met} of {len(verdict)} targets met; report in {args.out}/", file=sys.stderr)

@@ -287,6 +287,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
 
+    if "index" in results:
+        out += _index_targets(results["index"])
+
     rows = [
         _row(f"{labels[key]}", row["growth_kib"], RSS_FLAT_KIB, False)
         for key, row in results["rss"].items()
@@ -497,7 +500,128 @@ def markdown(results: dict[str, Any], verdict: list[dict[str, Any]], command: st
     ]
     if "snapshot" in results:
         parts += _snapshot_section(results["snapshot"])
+    if "index" in results:
+        parts += _index_section(results["index"])
     return "\n".join(parts)
+
+
+def _ratio(numerator: Figure | None, denominator: Figure | None) -> float | None:
+    return ratio(_m(numerator), _m(denominator))
+
+
+def _index_targets(index: dict[str, Any]) -> list[dict[str, Any]]:
+    """The four index targets of issue 13, each a ratio against Dynamo 1.6.1 in this run."""
+    out = []
+    core = index["core"]
+    for key, goal, what, ours, theirs in (
+        (
+            "index_query",
+            2.0,
+            "query (hash 1,024 tokens + match) q/s ÷ Dynamo's",
+            "ours_query_per_s",
+            "dynamo_query_per_s",
+        ),
+        (
+            "index_ingest",
+            1.0,
+            "ingest (wire payload to applied index) blocks/s ÷ Dynamo's apply_event",
+            "ours_ingest_blocks_per_s",
+            "dynamo_ingest_blocks_per_s",
+        ),
+    ):
+        rows = [
+            _row(f"{_m(f['entries']):,.0f} entries", _ratio(f[ours], f[theirs]), goal, True)
+            for f in core.values()
+        ]
+        out.append(_target(key, f"{what} ≥ {goal:g}", goal, True, rows, "see the index section"))
+    http = index["http"]
+    rows = [
+        _row(
+            f"{conns} connection{'s' if conns > 1 else ''}",
+            _ratio(http[f"ours_{conns}conn_req_per_s"], http[f"dynamo_{conns}conn_req_per_s"]),
+            1.0,
+            True,
+        )
+        for conns in (1, 16)
+    ]
+    out.append(
+        _target(
+            "index_http",
+            "HTTP /query req/s ÷ Dynamo's standalone indexer (same client, same run) ≥ 1",
+            1.0,
+            True,
+            rows,
+            "uvicorn's per-request cost plus JSON decoding of 1,024 token ids in Python exceed hyper's whole request",
+        )
+    )
+    return out
+
+
+def _index_section(index: dict[str, Any]) -> list[str]:
+    rows = []
+    for f in index["core"].values():
+        rows.append(
+            [
+                f"{_m(f['entries']):,.0f}",
+                f["ours_query_per_s"].text(),
+                f["dynamo_query_per_s"].text(),
+                _x(_ratio(f["ours_query_per_s"], f["dynamo_query_per_s"])),
+                f["ours_ingest_blocks_per_s"].text(),
+                f["dynamo_ingest_blocks_per_s"].text(),
+                _x(_ratio(f["ours_ingest_blocks_per_s"], f["dynamo_ingest_blocks_per_s"])),
+            ]
+        )
+    memory = index["memory"]
+    http = index["http"]
+    http_rows = [
+        [
+            f"{conns}",
+            http[f"ours_{conns}conn_req_per_s"].text(),
+            http[f"dynamo_{conns}conn_req_per_s"].text(),
+            _x(_ratio(http[f"ours_{conns}conn_req_per_s"], http[f"dynamo_{conns}conn_req_per_s"])),
+            f"{http[f'ours_{conns}conn_p50_us'].text()} / {http[f'ours_{conns}conn_p99_us'].text()}",
+            f"{http[f'dynamo_{conns}conn_p50_us'].text()} / {http[f'dynamo_{conns}conn_p99_us'].text()}",
+        ]
+        for conns in (1, 16)
+    ]
+    return [
+        "## KV prefix index against Dynamo 1.6.1 (8 workers, block 16, 1,024-token queries)",
+        "",
+        "Both indexes are checked to give the same answers before they are timed.",
+        "",
+        _table(
+            [
+                "entries",
+                "kvevents q/s",
+                "Dynamo q/s",
+                "ratio",
+                "kvevents ingest blocks/s",
+                "Dynamo apply_event blocks/s",
+                "ratio",
+            ],
+            rows,
+        ),
+        "",
+        f"Memory per (worker, block) entry at {_m(memory['entries']):,.0f} entries (RSS growth, "
+        f"fresh process each): kvevents {memory['ours_bytes_per_entry'].text()} B, "
+        f"Dynamo {memory['dynamo_bytes_per_entry'].text()} B.",
+        "",
+        "HTTP `/query` (`kvevents index` against `python -m dynamo.indexer --threads 1`, one "
+        "raw-socket keep-alive client per connection, client and servers on the same cores):",
+        "",
+        _table(
+            [
+                "connections",
+                "kvevents req/s",
+                "Dynamo req/s",
+                "ratio",
+                "kvevents p50 / p99 µs",
+                "Dynamo p50 / p99 µs",
+            ],
+            http_rows,
+        ),
+        "",
+    ]
 
 
 def _snapshot_section(rows: dict[int, dict[str, Figure]]) -> list[str]:
@@ -594,6 +718,65 @@ def chart(verdict: list[dict[str, Any]], path: Path) -> None:
         "measured ÷ target (log; right of the line: target met). Labels: the measured ratio or value"
     )
     ax.set_title("kvevents against vLLM 0.33.0 and SGLang 0.5.23, one run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def index_chart(results: dict[str, Any], path: Path) -> None:
+    """The index ratios against Dynamo 1.6.1 (query, ingest, HTTP on 1 and 16 connections,
+    and memory per entry as Dynamo's ÷ ours), each against its goal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = results["index"]
+    core = index["core"]
+    bars: list[tuple[str, float | None, float]] = []
+    for f in core.values():
+        entries = f"{_m(f['entries']):,.0f}"
+        bars.append(
+            (f"query, {entries}", _ratio(f["ours_query_per_s"], f["dynamo_query_per_s"]), 2.0)
+        )
+        bars.append(
+            (
+                f"ingest, {entries}",
+                _ratio(f["ours_ingest_blocks_per_s"], f["dynamo_ingest_blocks_per_s"]),
+                1.0,
+            )
+        )
+    http = index["http"]
+    for conns in (1, 16):
+        bars.append(
+            (
+                f"HTTP /query, {conns} conn.",
+                _ratio(http[f"ours_{conns}conn_req_per_s"], http[f"dynamo_{conns}conn_req_per_s"]),
+                1.0,
+            )
+        )
+    memory = index["memory"]
+    bars.append(
+        (
+            "memory/entry (Dynamo ÷ ours)",
+            _ratio(memory["dynamo_bytes_per_entry"], memory["ours_bytes_per_entry"]),
+            1.0,
+        )
+    )
+    bars = [b for b in bars if b[1] is not None]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1.5))
+    y = list(range(len(bars)))
+    values = [b[1] or 0.0 for b in bars]
+    colours = ["#2e7d32" if (b[1] or 0) >= b[2] else "#c62828" for b in bars]
+    ax.barh(y, values, color=colours)
+    for i, (_, value, goal) in enumerate(bars):
+        ax.plot([goal, goal], [i - 0.4, i + 0.4], color="black", linewidth=1)
+        ax.text(value or 0, i, f" {value:.2f}×", va="center", fontsize=8)
+    ax.set_yticks(y)
+    ax.set_yticklabels([b[0] for b in bars], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("kvevents ÷ Dynamo 1.6.1, one run (black tick: the goal)")
+    ax.set_title("KV prefix index against Dynamo 1.6.1")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

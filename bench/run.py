@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import codec, live, replay, rss, shapes, snapshot
+from . import codec, index, live, replay, rss, shapes, snapshot
 from .agent import Agent
 from .impls import PAIRS, RAW_SENDERS, Impl, encode_all, load_impls
 from .stats import Figure
@@ -34,6 +34,8 @@ class Settings:
     decode_rounds: int = 20
     rss_batches: int = 1_000_000
     snapshot_blocks: tuple[int, ...] = (10_000, 100_000)
+    index_sequences: tuple[int, ...] = (2_600, 26_000)
+    """Appendix A's ~99.5k (worker, block) entries, and ~1M; memory is read at the last."""
 
     @classmethod
     def quick(cls) -> Settings:
@@ -44,6 +46,7 @@ class Settings:
             decode_rounds=2,
             rss_batches=50_000,
             snapshot_blocks=(10_000,),
+            index_sequences=(2_600,),
         )
 
 
@@ -187,6 +190,18 @@ def measure_rss(impls: dict[str, Impl], settings: Settings) -> dict[str, dict[st
     return rows
 
 
+def measure_index(settings: Settings) -> dict[str, Any]:
+    out: dict[str, Any] = {"core": {}}
+    for sequences in settings.index_sequences:
+        out["core"][sequences] = index.measure_core(sequences, settings.reps)
+        _log(f"index: {sequences} sequences done")
+    out["memory"] = index.measure_memory(settings.index_sequences[-1])
+    _log("index: memory done")
+    out["http"] = index.measure_http(settings.index_sequences[0], settings.reps)
+    _log("index: HTTP done")
+    return out
+
+
 def machine() -> dict[str, Any]:
     import os
 
@@ -223,5 +238,6 @@ def run_all(settings: Settings) -> dict[str, Any]:
     results["rss"] = measure_rss(impls, settings)
     results["snapshot"] = snapshot.measure(settings.snapshot_blocks, settings.reps)
     _log("snapshots done")
+    results["index"] = measure_index(settings)
     results["seconds"] = time.monotonic() - started
     return results

@@ -34,7 +34,7 @@ class Settings:
     decode_rounds: int = 20
     rss_batches: int = 1_000_000
     snapshot_blocks: tuple[int, ...] = (10_000, 100_000)
-    index_sequences: tuple[int, ...] = (2_600, 26_000)
+    index_sequences: tuple[int, ...] = (2_600, 31_000)
     """Appendix A's ~99.5k (worker, block) entries, and ~1M; memory is read at the last."""
 
     @classmethod

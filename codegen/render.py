@@ -262,6 +262,7 @@ def render_all(model: Model | None = None) -> dict[Path, str]:
     package("wire.py", asyncapi_src, dialects=model.dialects)
     package("aio.py", asyncapi_src)
     package("index.py", None)
+    package("mock.py", None, dialects=model.dialects)
     package("__init__.py", events_src, events=model.events, dialects=model.dialects)
     package("__main__.py", None)
 

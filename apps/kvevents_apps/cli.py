@@ -4,6 +4,7 @@ whole plane on loopback and shows a gap and a restart repaired."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -148,6 +149,49 @@ def index(args: argparse.Namespace) -> int:
     )
 
 
+def simulate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import simulate as sim
+
+    options = sim.Options(
+        workers=args.workers,
+        block_size=args.block_size,
+        capacity_blocks=args.capacity,
+        dialect=args.dialect,
+        seed=args.seed,
+        check_every=args.check_every,
+        faults=args.faults,
+        progress=not args.json,
+    )
+    if args.trace:
+        path = Path(args.trace)
+        if not path.is_file():
+            print(f"kvevents simulate: no trace file {path}", file=sys.stderr)
+            return 2
+        requests = list(sim.mooncake(path, args.limit))
+        title = f"{path.name}, {len(requests):,} requests, {args.workers} workers"
+    else:
+        requests = list(sim.synthetic(args.limit or 2000, args.seed))
+        title = f"synthetic, {len(requests):,} requests, {args.workers} workers"
+    policies = args.policy or list(sim.POLICIES)
+    results = sim.run_policies(policies, requests, options)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print(sim.table(results))
+    if args.png and not sim.chart(results, Path(args.png), title):
+        print("kvevents simulate: no PNG: pip install matplotlib", file=sys.stderr)
+    mismatched = [r for r in results if r["mismatches"] and not r["stale_workers"]]
+    if mismatched:
+        print(
+            "kvevents simulate: the index differs from the engines with no worker marked stale",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvevents", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +250,40 @@ def build_parser() -> argparse.ArgumentParser:
     p_index.add_argument("--model-name", default="default", help="model of --workers")
     p_index.add_argument("--routing-group", default="default", help="routing group of --workers")
     p_index.set_defaults(func=index)
+    p_sim = commands.add_parser(
+        "simulate", help="mock engines, a KV index over loopback and a router, in simulated time"
+    )
+    p_sim.add_argument("--trace", help="a Mooncake FAST'25 trace (JSONL); default: synthetic")
+    p_sim.add_argument("--limit", type=int, help="use only the first N requests")
+    p_sim.add_argument("--workers", type=int, default=8, help="mock engines (default 8)")
+    p_sim.add_argument("--block-size", type=int, default=16)
+    p_sim.add_argument(
+        "--capacity", type=int, default=16_384, help="KV cache blocks per engine (default 16384)"
+    )
+    p_sim.add_argument("--dialect", choices=("vllm", "sglang", "legacy"), default="vllm")
+    p_sim.add_argument(
+        "--policy",
+        action="append",
+        choices=("round_robin", "random", "kv", "oracle"),
+        help="run only this policy (repeatable); default: all four",
+    )
+    p_sim.add_argument("--seed", type=int, default=0)
+    p_sim.add_argument(
+        "--check-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also check index == engines every N requests",
+    )
+    p_sim.add_argument(
+        "--faults",
+        action="store_true",
+        help="inject a subscriber stall (PUB drops, history lost), a subscriber restart, "
+        "an engine restart and an AllBlocksCleared",
+    )
+    p_sim.add_argument("--json", action="store_true", help="print the results as JSON")
+    p_sim.add_argument("--png", default="simulate.png", help="chart path ('' for none)")
+    p_sim.set_defaults(func=simulate)
     return parser
 
 

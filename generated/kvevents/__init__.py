@@ -58,7 +58,9 @@ _LAZY = {
     "SubscriberCollector": "kvevents_runtime.metrics",
     "PublisherCollector": "kvevents_runtime.metrics",
 }
-_SUBMODULES = frozenset({"vllm", "sglang", "legacy", "aio", "index", "frames", "loops", "wire"})
+_SUBMODULES = frozenset(
+    {"vllm", "sglang", "legacy", "aio", "index", "mock", "frames", "loops", "wire"}
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -310,12 +310,8 @@ class PrefixIndex:
             if path is None:
                 gpu = cpu = disk = depth
             else:
-                gpu, cpu, disk = (
-                    _leading(path, worker, depth, tiers) for _, tiers in _CUMULATIVE
-                )
-            out[worker] = Match(
-                depth, gpu, cpu, disk, len(lookup.get(worker, ())), worker in stale
-            )
+                gpu, cpu, disk = (_leading(path, worker, depth, tiers) for _, tiers in _CUMULATIVE)
+            out[worker] = Match(depth, gpu, cpu, disk, len(lookup.get(worker, ())), worker in stale)
         return out
 
     def _walk(self, hashes: list[int], tiers: bool) -> tuple[dict[Worker, int], list[Node] | None]:

@@ -1,0 +1,497 @@
+"""`kvevents simulate`: mock engines, a KV index fed over loopback sockets by the real
+subscriber, and a router, in simulated time.
+
+Each worker is a `kvevents.mock.MockEngine` with its own publisher endpoints; a
+`kvevents.index.LiveIndex` follows them all through `kvevents.aio.Subscriber` exactly as a
+router deployment would. Time is simulated: arrivals come from the workload, and each worker
+runs continuous batching in steps whose length is Dynamo's mocker timing model (a step
+admits what fits, prefills it, and decodes one token for every running request; steps with
+an unchanged batch are advanced together up to the next arrival). Only prompt blocks are
+cached (decode tokens are not), and a request's output length is from the workload.
+
+Policies:
+- `round_robin`, `random` (seeded);
+- `kv`: Dynamo's cost, `overlap_weight · prefill blocks still to compute + active blocks` (the
+  worker's pinned decode load plus the request's own blocks), lowest wins, from the index
+  as the events have reached it (stale workers count no overlap);
+- `oracle`: the same cost from the engines' true caches at the instant of the decision: what
+  the event lag costs the `kv` policy.
+
+At the end of each run (and every `--check-every` requests) the simulator waits until the
+index has received everything published, then compares every worker's blocks in the index
+with the engine's cache; the mismatch count and the stale workers are reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import random
+import statistics
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvevents.index import LiveIndex
+from kvevents.mock import MockEngine, TimingModel, chained_hashes
+
+POLICIES = ("round_robin", "random", "kv", "oracle")
+TRACE_BLOCK = 512
+"""Tokens per hash id in the Mooncake FAST'25 traces."""
+
+
+@dataclass
+class Request:
+    index: int
+    arrival_ms: float
+    tokens: list[int]
+    output_tokens: int
+
+
+# -- workloads ------------------------------------------------------------------------
+
+
+def mooncake(path: Path, limit: int | None = None) -> Iterator[Request]:
+    """A Mooncake trace, each hash id expanded to 512 deterministic token ids (id·512 + i, so
+    requests sharing ids share exactly those tokens), cut to `input_length`."""
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines):
+            if limit is not None and number >= limit:
+                return
+            row = json.loads(line)
+            tokens: list[int] = []
+            for hash_id in row["hash_ids"]:
+                base = hash_id * TRACE_BLOCK + 1
+                tokens.extend(range(base, base + TRACE_BLOCK))
+            yield Request(
+                number, float(row["timestamp"]), tokens[: row["input_length"]], row["output_length"]
+            )
+
+
+def synthetic(
+    requests: int = 2000,
+    seed: int = 0,
+    prompts: int = 16,
+    prompt_tokens: int = 2048,
+    conversations: int = 200,
+    turn_tokens: int = 256,
+    output_tokens: int = 128,
+    rate_per_s: float = 8.0,
+) -> Iterator[Request]:
+    """Multi-turn conversations on shared system prompts: each conversation has one of
+    `prompts` system prompts; each turn resends the whole history plus a new message."""
+    rng = random.Random(seed)
+    system = [[rng.randrange(1, 150_000) for _ in range(prompt_tokens)] for _ in range(prompts)]
+    history: list[list[int]] = [list(system[rng.randrange(prompts)]) for _ in range(conversations)]
+    now = 0.0
+    for number in range(requests):
+        now += rng.expovariate(rate_per_s) * 1000
+        talk = rng.randrange(conversations)
+        history[talk] += [rng.randrange(1, 150_000) for _ in range(turn_tokens)]
+        yield Request(number, now, list(history[talk]), output_tokens)
+        history[talk] += [rng.randrange(1, 150_000) for _ in range(output_tokens)]
+        if len(history[talk]) > 32_768:
+            history[talk] = list(system[rng.randrange(prompts)])  # a new conversation
+
+
+# -- one worker -----------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    request: Request
+    allocation: Any
+    remaining: int
+
+
+@dataclass
+class Worker:
+    engine: Any
+    waiting: deque[tuple[Request, list[int]]] = field(default_factory=deque)
+    running: list[Running] = field(default_factory=list)
+    busy: bool = False
+
+    @property
+    def active_blocks(self) -> int:
+        return sum(len(r.allocation.blocks) for r in self.running)
+
+
+@dataclass
+class Stats:
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    prefill_tokens: int = 0
+    ttft_ms: list[float] = field(default_factory=list)
+    completed: int = 0
+    end_ms: float = 0.0
+
+
+# -- the run --------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    workers: int = 8
+    block_size: int = 16
+    capacity_blocks: int = 16_384
+    dialect: str = "vllm"
+    seed: int = 0
+    overlap_weight: float = 1.0
+    check_every: int = 0
+    faults: bool = False
+    timing: TimingModel = field(default_factory=TimingModel)
+    progress: bool = True
+
+
+class Simulation:
+    def __init__(self, policy: str, requests: list[Request], options: Options) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}")
+        self.policy = policy
+        self.requests = requests
+        self.options = options
+        self.rng = random.Random(options.seed)
+        self.stats = Stats()
+        self.next_rr = 0
+        self.checks: list[dict[str, Any]] = []
+        self.faults_done: list[str] = []
+        self.stall_until = -1
+        self.next_arrival_ms = float("inf")
+
+    async def run(self) -> dict[str, Any]:
+        o = self.options
+        engine_kwargs: dict[str, Any] = {}
+        if o.faults:
+            # Small pipes and a small replay buffer, so a stalled subscriber loses history.
+            engine_kwargs = {"hwm": 64, "buffer_steps": 32}
+        self.workers = [
+            Worker(
+                MockEngine(
+                    o.dialect,
+                    capacity_blocks=o.capacity_blocks,
+                    block_size=o.block_size,
+                    snapshots=True,
+                    **engine_kwargs,
+                )
+            )
+            for _ in range(o.workers)
+        ]
+        self.live = await self._new_index()
+        started = time.monotonic()
+        try:
+            await self._simulate()
+            check = await self.check()
+        finally:
+            await self.live.close()
+            for worker in self.workers:
+                worker.engine.close()
+        s = self.stats
+        ttft = sorted(s.ttft_ms)
+        return {
+            "policy": self.policy,
+            "requests": s.completed,
+            "prefix_hit_rate": s.cached_tokens / s.input_tokens if s.input_tokens else 0.0,
+            "prefill_tokens": s.prefill_tokens,
+            "ttft_mean_ms": statistics.fmean(ttft) if ttft else None,
+            "ttft_p50_ms": _percentile(ttft, 0.5),
+            "ttft_p99_ms": _percentile(ttft, 0.99),
+            "requests_per_s": s.completed / (s.end_ms / 1000) if s.end_ms else None,
+            "simulated_s": s.end_ms / 1000,
+            "wall_s": time.monotonic() - started,
+            "mismatches": check["mismatches"],
+            "stale_workers": check["stale_workers"],
+            "checks": self.checks,
+            "faults": self.faults_done,
+        }
+
+    async def _new_index(self) -> LiveIndex:
+        options: dict[str, Any] = {"idle_probe": 0.2}
+        if self.options.faults:
+            options["rcvhwm"] = 64
+        live = LiveIndex(self.options.block_size, **options)
+        for number, worker in enumerate(self.workers):
+            pub = worker.engine.publisher
+            await live.register(number, pub.connect_endpoint, pub.connect_replay_endpoint)
+        return live
+
+    # -- simulated time -------------------------------------------------------------------
+
+    async def _simulate(self) -> None:
+        requests = sorted(self.requests, key=lambda r: r.arrival_ms)
+        steps: list[tuple[float, int, int]] = []
+        """(time, order, worker): scheduled worker steps; arrivals are merged in from the
+        sorted request list, so the next arrival is always known in O(1)."""
+        order = 0
+        total = len(requests)
+        arrived = 0
+        fault_points = self._fault_schedule(total) if self.options.faults else {}
+        next_progress = time.monotonic() + 5
+        while arrived < total or steps:
+            arrival = requests[arrived].arrival_ms if arrived < total else float("inf")
+            self.next_arrival_ms = arrival
+            if steps and steps[0][0] < arrival:
+                now, _, number = heapq.heappop(steps)
+                delay = self._step(number, now)
+                if delay is None:
+                    self.workers[number].busy = False
+                else:
+                    order += 1
+                    heapq.heappush(steps, (now + delay, order, number))
+                continue
+            request = requests[arrived]
+            now = request.arrival_ms
+            arrived += 1
+            if arrived in fault_points:
+                await self._fault(fault_points[arrived], now, arrived)
+            if arrived > self.stall_until:
+                await self.live.step(0)
+            hashes = chained_hashes(request.tokens, self.options.block_size)
+            number = self._route(request, hashes)
+            worker = self.workers[number]
+            worker.waiting.append((request, hashes))
+            if not worker.busy:
+                worker.busy = True
+                order += 1
+                heapq.heappush(steps, (now, order, number))
+            if self.options.check_every and arrived % self.options.check_every == 0:
+                self.checks.append(await self.check())
+            if self.options.progress and time.monotonic() > next_progress:
+                next_progress = time.monotonic() + 5
+                print(
+                    f"kvevents simulate: {self.policy}: {arrived:,} of {total:,} requests "
+                    f"({now / 1000:,.0f} s simulated)",
+                    file=sys.stderr,
+                )
+
+    def _step(self, number: int, now: float) -> float | None:
+        """One scheduler step of a worker (or several with an unchanged batch); returns its
+        length in ms, or None when the worker has nothing to do."""
+        o = self.options
+        worker = self.workers[number]
+        engine = worker.engine
+        timing = o.timing
+        s = self.stats
+        prefill = 0
+        admitted = []
+        while worker.waiting:
+            request, hashes = worker.waiting[0]
+            allocation = engine.admit(request.tokens, hashes=hashes)
+            if allocation is None:
+                if not worker.running and not admitted:
+                    worker.waiting.popleft()  # larger than the whole cache: served uncached
+                    s.input_tokens += len(request.tokens)
+                    s.prefill_tokens += len(request.tokens)
+                    prefill += len(request.tokens)
+                    s.ttft_ms.append(
+                        now + timing.prefill_ms(len(request.tokens)) - request.arrival_ms
+                    )
+                    s.completed += 1
+                    continue
+                break
+            worker.waiting.popleft()
+            cached_tokens = allocation.cached * o.block_size
+            new_tokens = len(request.tokens) - cached_tokens
+            s.input_tokens += len(request.tokens)
+            s.cached_tokens += cached_tokens
+            s.prefill_tokens += new_tokens
+            prefill += new_tokens
+            admitted.append(Running(request, allocation, request.output_tokens))
+        engine.step(now / 1000)
+        if not admitted and not worker.running:
+            return None
+        decode = timing.decode_ms(engine.utilisation)
+        length = timing.prefill_ms(prefill) + decode
+        for running in admitted:
+            s.ttft_ms.append(now + length - running.request.arrival_ms)
+        worker.running.extend(admitted)
+        steps = 1
+        if not admitted and not worker.waiting:
+            # An unchanged batch: advance to the first completion or the next arrival.
+            upcoming = self.next_arrival_ms
+            shortest = min(r.remaining for r in worker.running)
+            steps = shortest
+            if upcoming != float("inf"):
+                steps = max(1, min(shortest, int((upcoming - now) / decode) + 1))
+            length = decode * steps
+        still = []
+        for running in worker.running:
+            running.remaining -= steps
+            if running.remaining <= 0:
+                engine.release(running.allocation)
+                s.completed += 1
+            else:
+                still.append(running)
+        worker.running = still
+        s.end_ms = max(s.end_ms, now + length)
+        return length
+
+    def _route(self, request: Request, hashes: list[int]) -> int:
+        count = len(self.workers)
+        if self.policy == "round_robin":
+            self.next_rr = (self.next_rr + 1) % count
+            return self.next_rr
+        if self.policy == "random":
+            return self.rng.randrange(count)
+        blocks = len(hashes)
+        if self.policy == "kv":
+            answer = self.live.index.query(request.tokens)
+            overlap = {w[0]: m.blocks for w, m in answer.items() if not m.stale and w[0] < count}
+        else:
+            overlap = {
+                n: w.engine.match(request.tokens, hashes=hashes) for n, w in enumerate(self.workers)
+            }
+        weight = self.options.overlap_weight
+        best, best_cost = 0, None
+        for number, worker in enumerate(self.workers):
+            waiting = sum(len(h) for _, h in worker.waiting)
+            cost = weight * (blocks - overlap.get(number, 0)) + worker.active_blocks + waiting
+            if best_cost is None or cost < best_cost:
+                best, best_cost = number, cost
+        return best
+
+    # -- faults ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _fault_schedule(total: int) -> dict[int, str]:
+        kinds = ("stall", "subscriber_restart", "engine_restart", "clear")
+        return {max(1, int(total * (i + 1) / (len(kinds) + 1))): k for i, k in enumerate(kinds)}
+
+    async def _fault(self, kind: str, now: float, arrived: int) -> None:
+        victim = self.rng.randrange(len(self.workers))
+        where = ""
+        if kind == "stall":
+            # The subscriber stops reading for a twentieth of the run: the tiny pipes drop
+            # live batches and the 32-batch replay buffers cannot reach back (history lost,
+            # healed by snapshot).
+            self.stall_until = arrived + max(50, len(self.requests) // 20)
+        elif kind == "subscriber_restart":
+            await self.live.close()
+            self.live = await self._new_index()
+        elif kind == "engine_restart":
+            self.workers[victim].engine.restart()
+            where = f" worker {victim}"
+        elif kind == "clear":
+            self.workers[victim].engine.clear()
+            where = f" worker {victim}"
+        self.faults_done.append(f"{kind} at {now / 1000:,.0f} s{where}")
+
+    # -- the state-equality check ---------------------------------------------------------
+
+    async def check(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until the index has every batch published, then compare each worker's blocks
+        in the index with the engine's cache."""
+        for worker in self.workers:
+            worker.engine.step()
+        live = self.live
+        deadline = time.monotonic() + timeout
+
+        def caught_up() -> bool:
+            for number, worker in enumerate(self.workers):
+                counters = worker.engine.publisher.counters()
+                if counters["queue_depth"]:
+                    return False
+                source = live._workers.get((number, 0))
+                if source is None or source.sequencer.outstanding is not None:
+                    return False
+                if (source.expected or 0) < counters["next_seq"]:
+                    return False
+            return True
+
+        while not caught_up() and time.monotonic() < deadline:
+            await live.step(0.02)
+        await live.step(0)
+        mismatches = 0
+        per_worker = {}
+        for number, worker in enumerate(self.workers):
+            held = set(live.index.lookup.get((number, 0), {}))
+            truth = worker.engine.blocks()
+            diff = len(held ^ truth)
+            per_worker[number] = diff
+            mismatches += diff
+        stale = sorted(w[0] for w in live.index.stale)
+        return {
+            "mismatches": mismatches,
+            "per_worker": per_worker,
+            "stale_workers": stale,
+            "caught_up": caught_up(),
+        }
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- entry points -----------------------------------------------------------------------
+
+
+def run_policies(
+    policies: list[str], requests: list[Request], options: Options
+) -> list[dict[str, Any]]:
+    results = []
+    for policy in policies:
+        result = asyncio.run(Simulation(policy, requests, options).run())
+        results.append(result)
+        if options.progress:
+            print(
+                f"kvevents simulate: {policy} done in {result['wall_s']:.1f} s, "
+                f"{result['mismatches']} mismatches",
+                file=sys.stderr,
+            )
+    return results
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    header = (
+        "| policy | prefix hit rate | prefill tokens | TTFT mean ms | p50 ms | p99 ms | "
+        "requests/s | mismatches | stale workers |"
+    )
+    lines = [header, "|" + "---|" * 9]
+    for r in results:
+        lines.append(
+            f"| {r['policy']} | {r['prefix_hit_rate']:.3f} | {r['prefill_tokens']:,} | "
+            f"{_ms(r['ttft_mean_ms'])} | {_ms(r['ttft_p50_ms'])} | {_ms(r['ttft_p99_ms'])} | "
+            f"{r['requests_per_s']:.2f} | {r['mismatches']} | "
+            f"{', '.join(map(str, r['stale_workers'])) or 'none'} |"
+        )
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def chart(results: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Bars per policy: prefix hit rate and TTFT mean / p99. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = [r["policy"] for r in results]
+    fig, (hit, ttft) = plt.subplots(1, 2, figsize=(10, 3.8))
+    hit.bar(names, [r["prefix_hit_rate"] for r in results], color="#1565c0")
+    hit.set_title("prefix hit rate (higher is better)")
+    hit.set_ylim(0, 1)
+    x = range(len(names))
+    ttft.bar([i - 0.2 for i in x], [r["ttft_mean_ms"] or 0 for r in results], 0.4, label="mean")
+    ttft.bar([i + 0.2 for i in x], [r["ttft_p99_ms"] or 0 for r in results], 0.4, label="p99")
+    ttft.set_xticks(list(x))
+    ttft.set_xticklabels(names)
+    ttft.set_yscale("log")
+    ttft.set_title("TTFT ms (lower is better)")
+    ttft.legend()
+    mismatches = sum(r["mismatches"] for r in results)
+    fig.suptitle(f"{title} — index vs engine mismatches: {mismatches}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_sim.add_argument("--workers", type=int, default=8, help="mock engines (default 8)")
     p_sim.add_argument("--block-size", type=int, default=16)
     p_sim.add_argument(
-        "--capacity", type=int, default=16_384, help="KV cache blocks per engine (default 16384)"
+        "--capacity", type=int, default=65_536, help="KV cache blocks per engine (default 65536)"
     )
     p_sim.add_argument("--dialect", choices=("vllm", "sglang", "legacy"), default="vllm")
     p_sim.add_argument(

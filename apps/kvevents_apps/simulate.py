@@ -138,7 +138,7 @@ class Stats:
 class Options:
     workers: int = 8
     block_size: int = 16
-    capacity_blocks: int = 16_384
+    capacity_blocks: int = 65_536
     dialect: str = "vllm"
     seed: int = 0
     overlap_weight: float = 1.0
@@ -186,6 +186,7 @@ class Simulation:
         try:
             await self._simulate()
             check = await self.check()
+            self.final_check = check
         finally:
             await self.live.close()
             for worker in self.workers:
@@ -204,7 +205,9 @@ class Simulation:
             "simulated_s": s.end_ms / 1000,
             "wall_s": time.monotonic() - started,
             "mismatches": check["mismatches"],
+            "unflagged_mismatches": check["unflagged_mismatches"],
             "stale_workers": check["stale_workers"],
+            "index_counters": check["index_counters"],
             "checks": self.checks,
             "faults": self.faults_done,
         }
@@ -402,23 +405,36 @@ class Simulation:
                     return False
             return True
 
-        while not caught_up() and time.monotonic() < deadline:
+        def healed() -> bool:
+            # A stale worker whose publisher keeps snapshots is healed by the next one.
+            return not any(
+                (source := live._workers.get(w)) is not None
+                and source.sequencer.snapshots_available
+                for w in live.index.stale
+            )
+
+        while not (caught_up() and healed()) and time.monotonic() < deadline:
             await live.step(0.02)
         await live.step(0)
         mismatches = 0
+        unflagged = 0
         per_worker = {}
+        stale = sorted(w[0] for w in live.index.stale)
         for number, worker in enumerate(self.workers):
             held = set(live.index.lookup.get((number, 0), {}))
             truth = worker.engine.blocks()
             diff = len(held ^ truth)
             per_worker[number] = diff
             mismatches += diff
-        stale = sorted(w[0] for w in live.index.stale)
+            if number not in stale:
+                unflagged += diff
         return {
             "mismatches": mismatches,
+            "unflagged_mismatches": unflagged,
             "per_worker": per_worker,
             "stale_workers": stale,
             "caught_up": caught_up(),
+            "index_counters": dict(live.index.counters),
         }
 
 

@@ -250,6 +250,9 @@ class MockEngine:
             parent = block
         if needed:
             size = self.block_size
+            # Removals this admission caused come first: a block evicted and stored again in
+            # one step must end up cached, as it is in the engine.
+            self._flush_removed()
             self._pending.append(
                 self._events.BlockStored(
                     block_hashes=[self.wire_hash(h) for h in hashes[cached:]],

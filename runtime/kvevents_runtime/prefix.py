@@ -60,7 +60,8 @@ class Node:
     def __init__(self, parent: Node | None, key: int) -> None:
         self.parent = parent
         self.key = key
-        self.children: dict[int, Node] = {}
+        self.children: dict[int, Node] | None = None
+        """Created with the first child: most nodes are leaves."""
         self.workers: set[Worker] = set()
         """Who holds this block, in any tier: a set, so a query's walk does set algebra in C."""
         self.tiers: dict[Worker, int] | None = None
@@ -237,9 +238,12 @@ class PrefixIndex:
         tier = self._tier(event.medium)
         other = tier != GPU
         for block_hash, key in zip(hashes, keys, strict=False):
-            child = node.children.get(key)
+            children = node.children
+            if children is None:
+                children = node.children = {}
+            child = children.get(key)
             if child is None:
-                child = node.children[key] = Node(node, key)
+                child = children[key] = Node(node, key)
             old = blocks.get(block_hash)
             if old is not child:
                 if old is not None:
@@ -286,7 +290,9 @@ class PrefixIndex:
         self._other_tiers -= bin(gone & ~GPU).count("1")
         node.set_mask(worker, mask & ~gone)
         while node.parent is not None and not node.workers and not node.children:
-            del node.parent.children[node.key]
+            siblings = node.parent.children
+            assert siblings is not None
+            del siblings[node.key]
             node = node.parent
 
     # -- queries ----------------------------------------------------------------------
@@ -324,7 +330,8 @@ class PrefixIndex:
         depth = 0
         keys = iter(hashes)
         for key in keys:
-            child = node.children.get(key)
+            children = node.children
+            child = None if children is None else children.get(key)
             if child is None:
                 break
             held = child.workers
@@ -345,7 +352,8 @@ class PrefixIndex:
                 # One worker left (a request's own suffix): membership only, no set algebra.
                 (only,) = active
                 for key in keys:
-                    child = node.children.get(key)
+                    children = node.children
+                    child = None if children is None else children.get(key)
                     if child is None or only not in child.workers:
                         break
                     depth += 1

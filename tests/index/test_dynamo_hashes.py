@@ -30,7 +30,11 @@ def test_local_hashes_equal_dynamos(dynamo_llm) -> None:
         theirs = dynamo_llm.compute_block_hash_for_seq(
             tokens, block_size, lora_name=lora, cache_namespace=salt
         )
-        assert local_block_hashes(tokens, block_size, lora, salt) == theirs, (block_size, lora, salt)
+        assert local_block_hashes(tokens, block_size, lora, salt) == theirs, (
+            block_size,
+            lora,
+            salt,
+        )
 
 
 def test_a_changed_seed_changes_every_hash(dynamo_llm) -> None:

@@ -205,11 +205,11 @@ class IndexMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_empty_leaves_are_kept(self) -> None:
-        stack = list(self.index.root.children.values())
+        stack = list((self.index.root.children or {}).values())
         while stack:
             node = stack.pop()
             assert node.workers or node.children, "a node nobody holds or leads through"
-            stack.extend(node.children.values())
+            stack.extend((node.children or {}).values())
 
 
 IndexMachine.TestCase.settings = settings(

@@ -158,7 +158,10 @@ def test_dynamo_request_shapes_and_status_codes(service, publishers) -> None:
     assert len(dump["m:default"]["events"]) == 4
     assert server.call("GET", "/health") == (200, {"status": "ok"})
     status, metrics = server.call("GET", "/metrics")
-    assert status == 200 and 'kvevents_index_entries{model_name="m",routing_group="default"} 4.0' in metrics
+    assert (
+        status == 200
+        and 'kvevents_index_entries{model_name="m",routing_group="default"} 4.0' in metrics
+    )
     assert server.call("GET", "/nowhere")[0] == 404
     assert server.call("POST", "/unregister", {"instance_id": 7, "model_name": "m"}) == (
         200,

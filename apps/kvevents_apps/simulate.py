@@ -280,7 +280,7 @@ class Simulation:
         timing = o.timing
         s = self.stats
         prefill = 0
-        admitted = []
+        admitted: list[Running] = []
         while worker.waiting:
             request, hashes = worker.waiting[0]
             allocation = engine.admit(request.tokens, hashes=hashes)

@@ -38,6 +38,9 @@ class AsyncSubscriber:
     async def add_source(self, endpoint: str, replay_endpoint: str | None = None) -> Source:
         return await self._run(self._sub.add_source, endpoint, replay_endpoint)  # type: ignore[no-any-return]
 
+    async def request_snapshot(self, source: Source | int) -> bool:
+        return await self._run(self._sub.request_snapshot, source)  # type: ignore[no-any-return]
+
     async def remove_source(self, source: Source | int) -> None:
         await self._run(self._sub.remove_source, source)
 

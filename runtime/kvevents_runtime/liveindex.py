@@ -10,6 +10,9 @@ need no lock. What the subscriber reports decides what the index trusts:
   0 is whole, one that starts later is reported lost and handled as below;
 - `history_lost`: the worker is marked stale; against a publisher without snapshots (vLLM's,
   SGLang's own) its entries are also cleared, since nothing will ever resynchronise them;
+- an inconsistency the index finds itself (a store under an unknown parent, a removal of
+  an unknown block) marks the worker stale and, when its publisher keeps snapshots, asks
+  for one, which resynchronises it;
 - a worker that is unregistered loses every entry.
 """
 
@@ -40,7 +43,17 @@ class LiveIndex:
         self._by_source: dict[int, Worker] = {}
         self._epochs: dict[Worker, int] = {}
         self._endpoints: dict[Worker, tuple[str, str | None]] = {}
-        self.counters = {"lost_and_cleared": 0, "restarts": 0, "snapshots": 0, "batches": 0}
+        self.counters = {
+            "lost_and_cleared": 0,
+            "restarts": 0,
+            "snapshots": 0,
+            "snapshots_requested": 0,
+            "batches": 0,
+        }
+        self._asked: set[Worker] = set()
+        """Stale workers a snapshot was asked for, until one arrives; a worker whose snapshot
+        itself is inconsistent (it holds blocks whose parents it does not) stays here, stale
+        and flagged, until its publisher restarts: asking again would loop."""
         self._closed = False
 
     # -- workers ----------------------------------------------------------------------
@@ -105,6 +118,7 @@ class LiveIndex:
                 continue  # unregistered while its batches were in flight
             if delivery.epoch != self._epochs[worker]:
                 self._epochs[worker] = delivery.epoch
+                self._asked.discard(worker)
                 self.counters["restarts"] += 1
                 index.clear_worker(worker)
                 if delivery.seq == 0 and not delivery.snapshot:
@@ -112,10 +126,18 @@ class LiveIndex:
             if delivery.snapshot:
                 self.counters["snapshots"] += 1
                 index.resync(worker, [delivery.batch])
+                if worker not in index.stale:
+                    self._asked.discard(worker)
             else:
                 index.apply(worker, delivery.batch)
             applied += 1
         self.counters["batches"] += applied
+        for worker in [w for w in index.stale if w not in self._asked]:
+            source = self._workers.get(worker)
+            if source is not None and source.sequencer.snapshots_available:
+                self._asked.add(worker)
+                if await self._sub.request_snapshot(source):
+                    self.counters["snapshots_requested"] += 1
         return applied
 
     def _take_notices(self) -> None:

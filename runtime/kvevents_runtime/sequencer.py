@@ -444,6 +444,15 @@ class Sequencer:
         self._release(out)
 
     @_settles
+    def resync(self, out: list[tuple[Any, ...]]) -> bool:
+        """The consumer found its state inconsistent with the stream (e.g. a block removed
+        that it never saw stored): ask for a snapshot. False when the publisher has none."""
+        if not self.snapshots_available or self.expected is None or not self.can_replay:
+            return False
+        self.heal_wanted = True
+        return True
+
+    @_settles
     def probe(self, out: list[tuple[Any, ...]]) -> bool:
         """The source was quiet: ask whether the publisher has anything not yet seen (a tail
         the PUB socket dropped is revealed by nothing else). False when nothing was asked."""

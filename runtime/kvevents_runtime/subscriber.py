@@ -293,6 +293,19 @@ class Subscriber:
                 sock.close(linger=0)
         removed.sub = removed.dealer = removed.monitor = None
 
+    def request_snapshot(self, source: Source | int) -> bool:
+        """Ask a source's publisher for a snapshot (delivered later, in order, as a
+        `Delivery` with `snapshot=True`), for a consumer whose state went wrong. False when
+        the publisher keeps none (or the source is unknown)."""
+        index = source if isinstance(source, int) else source.index
+        found = self._sources.get(index)
+        if found is None:
+            return False
+        actions: list[tuple[Any, ...]] = []
+        asked = found.sequencer.resync(actions)
+        self._act(found, actions, [])
+        return asked
+
     def _open_dealer(self, source: Source) -> None:
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)

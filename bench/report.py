@@ -502,6 +502,20 @@ def markdown(results: dict[str, Any], verdict: list[dict[str, Any]], command: st
         parts += _snapshot_section(results["snapshot"])
     if "index" in results:
         parts += _index_section(results["index"])
+    if "mock" in results:
+        m = results["mock"]
+        parts += [
+            "## Mock engine (blocks stored + evicted per second)",
+            "",
+            "Requests of 8,192 tokens sharing 2,048-token prefixes, a 16,384-block cache that "
+            "keeps evicting, block 16; one step (one batch) per request.",
+            "",
+            _table(
+                ["events published (vLLM dialect, real publisher)", "cache alone"],
+                [[m["published"].text(), m["cache_only"].text()]],
+            ),
+            "",
+        ]
     return "\n".join(parts)
 
 

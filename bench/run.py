@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import codec, index, live, replay, rss, shapes, snapshot
+from . import codec, index, live, mock, replay, rss, shapes, snapshot
 from .agent import Agent
 from .impls import PAIRS, RAW_SENDERS, Impl, encode_all, load_impls
 from .stats import Figure
@@ -239,5 +239,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
     results["snapshot"] = snapshot.measure(settings.snapshot_blocks, settings.reps)
     _log("snapshots done")
     results["index"] = measure_index(settings)
+    results["mock"] = mock.measure(settings.reps)
+    _log("mock engine done")
     results["seconds"] = time.monotonic() - started
     return results

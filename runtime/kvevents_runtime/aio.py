@@ -57,6 +57,9 @@ class AsyncSubscriber:
         return self._sub.closed
 
     async def close(self) -> None:
+        """Idempotent."""
+        if self._sub.closed:
+            return
         await self._run(self._sub.close)
         self._executor.shutdown(wait=True)
 

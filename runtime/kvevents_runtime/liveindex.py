@@ -165,6 +165,7 @@ class LiveIndex:
         return self.index.query(tokens, lora_name, cache_salt)
 
     async def close(self) -> None:
+        """Idempotent."""
         self._closed = True
         await self._sub.close()
 

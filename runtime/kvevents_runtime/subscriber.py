@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, cast
 
@@ -267,7 +268,11 @@ class Subscriber:
         self._owners[sub] = (source, "live")
         self._poller.register(sub, zmq.POLLIN)
         if replay_endpoint is not None:
-            monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            # A unique address: pyzmq's default names it by file descriptor, which a new
+            # socket can reuse while the old monitor's endpoint is still bound.
+            monitor = sub.get_monitor_socket(
+                zmq.EVENT_DISCONNECTED, addr=f"inproc://kvevents-monitor-{uuid.uuid4().hex}"
+            )
             source.monitor = monitor
             self._owners[monitor] = (source, "monitor")
             self._poller.register(monitor, zmq.POLLIN)

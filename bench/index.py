@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
 import os
 import socket
 import statistics
@@ -31,6 +30,7 @@ from typing import Any
 import zmq
 
 from . import dynamo, index_workload
+from .child import run_in_child
 from .stats import Figure, rss_kib
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,20 +121,8 @@ def _memory(which: str, sequences: int, conn: Any) -> None:
 
 def measure_memory(sequences: int) -> dict[str, Figure]:
     out = {}
-    spawn = multiprocessing.get_context("spawn")
     for which in ("ours", "dynamo"):
-        parent, child = spawn.Pipe()
-        process = spawn.Process(target=_memory, args=(which, sequences, child), daemon=True)
-        process.start()
-        child.close()
-        try:
-            if not parent.poll(900):
-                raise TimeoutError(f"index memory ({which}) took over 900 s")
-            result = parent.recv()
-        finally:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
+        result = run_in_child(_memory, (which, sequences), 900, f"index memory ({which})")
         out[f"{which}_bytes_per_entry"] = Figure("B")
         out[f"{which}_bytes_per_entry"].add(result["bytes_per_entry"])
     out["entries"] = Figure("entries")

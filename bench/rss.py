@@ -3,11 +3,11 @@ publisher so no other measurement's memory is counted."""
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .child import run_in_child
 from .stats import rss_kib
 
 SAMPLES = 10
@@ -54,19 +54,7 @@ def _run(key: str, n: int, conn: Connection) -> None:
 
 
 def peak_rss(key: str, n: int) -> dict[str, Any]:
-    spawn = multiprocessing.get_context("spawn")
-    parent, child = spawn.Pipe()
-    process = spawn.Process(target=_run, args=(key, n, child), daemon=True)
-    process.start()
-    child.close()
-    try:
-        if not parent.poll(600):
-            raise TimeoutError(f"{key}: {n} batches took over 600 s")
-        result: dict[str, Any] = parent.recv()
-    finally:
-        process.join(10)
-        if process.is_alive():
-            process.kill()
+    result = run_in_child(_run, (key, n), 600, f"{key}: {n} batches")
     samples = [kib for _, kib in result["samples_kib"]]
     # Growth after the first tenth: the buffer and the queue have filled by then.
     result["growth_kib"] = max(samples) - samples[0] if samples else None

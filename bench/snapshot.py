@@ -8,11 +8,11 @@ per block, 64-bit hashes, medium "GPU".
 
 from __future__ import annotations
 
-import multiprocessing
 import random
 import time
 from typing import Any
 
+from .child import run_in_child
 from .stats import Figure
 
 BLOCK_SIZE = 16
@@ -114,20 +114,7 @@ def _heal(blocks: int, conn: Any) -> None:
 
 
 def _in_process(target: Any, blocks: int) -> dict[str, Any]:
-    spawn = multiprocessing.get_context("spawn")
-    parent, child = spawn.Pipe()
-    process = spawn.Process(target=target, args=(blocks, child), daemon=True)
-    process.start()
-    child.close()
-    try:
-        if not parent.poll(300):
-            raise TimeoutError(f"snapshot bench with {blocks} blocks took over 300 s")
-        result: dict[str, Any] = parent.recv()
-    finally:
-        process.join(10)
-        if process.is_alive():
-            process.kill()
-    return result
+    return run_in_child(target, (blocks,), 300, f"snapshot bench with {blocks} blocks")
 
 
 def measure(sizes: tuple[int, ...], reps: int) -> dict[int, dict[str, Figure]]:

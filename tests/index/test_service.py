@@ -91,6 +91,17 @@ def publish(pub: Any, *events: Any) -> None:
     pub.publish(vllm.KVEventBatch(ts=time.time(), events=list(events)))
 
 
+def register(server: Server, worker: int, pub: Any) -> None:
+    body = {
+        "instance_id": worker,
+        "endpoint": pub.connect_endpoint,
+        "replay_endpoint": pub.connect_replay_endpoint,
+        "model_name": "m",
+        "block_size": BS,
+    }
+    assert server.call("POST", "/register", body)[0] == 201
+
+
 def score(server: Server, tokens: list[int]) -> dict[str, Any]:
     status, body = server.call("POST", "/query", {"token_ids": tokens, "model_name": "m"})
     assert status == 200, body
@@ -181,14 +192,7 @@ def test_answers_equal_what_the_engines_were_sent(service, publishers) -> None:
         pub = vllm.ZmqEventPublisher(0, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
         publishers.append(pub)
         pubs.append(pub)
-        body = {
-            "instance_id": worker,
-            "endpoint": pub.connect_endpoint,
-            "replay_endpoint": pub.connect_replay_endpoint,
-            "model_name": "m",
-            "block_size": BS,
-        }
-        assert server.call("POST", "/register", body)[0] == 201
+        register(server, worker, pub)
     prefixes = [chain(rng, 4) for _ in range(3)]
     held: list[dict[int, tuple[int, ...]]] = [{} for _ in pubs]
     """worker -> engine hash -> token path (tuple of token blocks) it holds."""
@@ -242,14 +246,7 @@ def test_a_late_registration_heals_from_a_snapshot_and_an_upstream_one_is_stale(
             publish(pub, stored(hashes, tokens))
     time.sleep(0.3)
     for worker, pub in enumerate((healing, plain)):
-        body = {
-            "instance_id": worker,
-            "endpoint": pub.connect_endpoint,
-            "replay_endpoint": pub.connect_replay_endpoint,
-            "model_name": "m",
-            "block_size": BS,
-        }
-        assert server.call("POST", "/register", body)[0] == 201
+        register(server, worker, pub)
     assert wait_until(lambda: score(server, first) == {"0": {"0": 3 * BS}}, 10)
 
     def states() -> dict[int, str]:

@@ -343,6 +343,14 @@ def check(world: World) -> None:
             )
 
 
+SCHEDULES = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+"""Every contract property: EXAMPLES schedules, no example database kept between runs."""
+
 _ordinary_steps = [
     st.tuples(st.just("publish"), st.booleans(), st.integers(1, 6)),
     st.tuples(st.just("arrive"), st.integers(1, 8)),
@@ -377,12 +385,7 @@ def play(info: bool, capacity: int, schedule: list[tuple], snapshots: bool = Fal
     return world
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@SCHEDULES
 @given(capacity=st.integers(1, 12), schedule=steps)
 def test_the_contract_holds_with_a_publisher_that_says_who_it_is(
     capacity: int, schedule: list[tuple]
@@ -390,12 +393,7 @@ def test_the_contract_holds_with_a_publisher_that_says_who_it_is(
     check(play(True, capacity, schedule))
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@SCHEDULES
 @given(
     capacity=st.integers(1, 12),
     schedule=steps.filter(lambda s: not any(x[0] == "restart" for x in s)),
@@ -408,12 +406,7 @@ def test_the_contract_holds_with_an_upstream_publisher_that_never_restarts(
     check(play(False, capacity, schedule))
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@SCHEDULES
 @given(capacity=st.integers(1, 12), schedule=steps)
 def test_the_contract_holds_and_history_heals_with_snapshots(
     capacity: int, schedule: list[tuple]

@@ -106,14 +106,12 @@ def as_reference(blocks: BlockSet) -> Reference:
     return out
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=operations(pairs=False))
-def test_a_vllm_snapshot_rebuilds_the_published_state(ops: list[tuple]) -> None:
-    events = build_events(ops, vllm, with_extra=True)
-    blocks = BlockSet(VLLM_SHAPE)
+def check_rebuild(structs: Any, shape: Any, ops: list[tuple], with_extra: bool) -> None:
+    events = build_events(ops, structs, with_extra=with_extra)
+    blocks = BlockSet(shape)
     truth: Reference = {}
     for event in events:
-        blocks.apply(vllm.KVEventBatch(ts=0.0, events=[event]))
+        blocks.apply(structs.KVEventBatch(ts=0.0, events=[event]))
         apply_reference(truth, event)
     assert blocks.untracked == 0
     assert len(blocks) == sum(len(t) for t in truth.values())
@@ -121,15 +119,15 @@ def test_a_vllm_snapshot_rebuilds_the_published_state(ops: list[tuple]) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=operations(pairs=False))
+def test_a_vllm_snapshot_rebuilds_the_published_state(ops: list[tuple]) -> None:
+    check_rebuild(vllm, VLLM_SHAPE, ops, with_extra=True)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=operations(pairs=True))
 def test_an_sglang_snapshot_with_token_pairs_rebuilds_the_published_state(ops: list[tuple]) -> None:
-    events = build_events(ops, sglang, with_extra=False)
-    blocks = BlockSet(SGLANG_SHAPE)
-    truth: Reference = {}
-    for event in events:
-        blocks.apply(sglang.KVEventBatch(ts=0.0, events=[event]))
-        apply_reference(truth, event)
-    assert live_state(as_reference(blocks)) == live_state(truth)
+    check_rebuild(sglang, SGLANG_SHAPE, ops, with_extra=False)
 
 
 def test_snapshot_batches_are_bounded_and_unknown_events_are_counted() -> None:

@@ -31,6 +31,7 @@ import zmq
 
 from . import dynamo, index_workload
 from .child import run_in_child
+from .impls import free_port
 from .stats import Figure, rss_kib
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,12 +132,6 @@ def measure_memory(sequences: int) -> dict[str, Figure]:
 
 
 # -- HTTP ---------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _http(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -303,7 +298,7 @@ def _start(command: list[str], env: dict[str, str], port: int) -> subprocess.Pop
 def measure_http(sequences: int, reps: int) -> dict[str, Figure]:
     workload = index_workload.build(sequences)
     engines = _Engines(index_workload.WORKERS)
-    ours_port, theirs_port = _free_port(), _free_port()
+    ours_port, theirs_port = free_port(), free_port()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(dynamo.path()), str(ROOT)]),

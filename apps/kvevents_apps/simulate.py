@@ -186,7 +186,6 @@ class Simulation:
         try:
             await self._simulate()
             check = await self.check()
-            self.final_check = check
         finally:
             await self.live.close()
             for worker in self.workers:
@@ -398,7 +397,7 @@ class Simulation:
                 counters = worker.engine.publisher.counters()
                 if counters["queue_depth"]:
                     return False
-                source = live._workers.get((number, 0))
+                source = live.source((number, 0))
                 if source is None or source.sequencer.outstanding is not None:
                     return False
                 if (source.expected or 0) < counters["next_seq"]:
@@ -408,8 +407,7 @@ class Simulation:
         def healed() -> bool:
             # A stale worker whose publisher keeps snapshots is healed by the next one.
             return not any(
-                (source := live._workers.get(w)) is not None
-                and source.sequencer.snapshots_available
+                (source := live.source(w)) is not None and source.sequencer.snapshots_available
                 for w in live.index.stale
             )
 

@@ -18,7 +18,6 @@ need no lock. What the subscriber reports decides what the index trusts:
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from typing import Any
 
@@ -104,6 +103,11 @@ class LiveIndex:
     def workers(self) -> list[Worker]:
         return list(self._workers)
 
+    def source(self, worker: Worker) -> Any:
+        """The worker's subscriber source (its sequencer says what the stream is doing), or
+        None when it is not registered."""
+        return self._workers.get(worker)
+
     # -- feeding ----------------------------------------------------------------------
 
     async def step(self, timeout: float = 0.05) -> int:
@@ -174,13 +178,3 @@ class LiveIndex:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-
-async def wait_for(predicate: Any, live: LiveIndex, timeout: float) -> bool:
-    """Step `live` until `predicate()` holds or `timeout` seconds pass."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await live.step(0.02)
-    return True

@@ -313,11 +313,6 @@ class MockEngine:
         self.counters["evicted"] += freed
         return freed
 
-    def evictable(self) -> list[int]:
-        """Evictable blocks in eviction order, by brute force (for tests)."""
-        candidates = [b for b in self.cache.values() if b.refs == 0 and b.children == 0]
-        return [b.hash for b in sorted(candidates, key=lambda b: b.last_use)]
-
     # -- publishing -------------------------------------------------------------------
 
     def _flush_removed(self) -> None:

@@ -436,7 +436,7 @@ class Sequencer:
         if kind == "snapshot" or self.heal_wanted:
             # Live batches are held while a snapshot is in flight: a publisher that cannot
             # answer one is asked again only when the source is next quiet (probe).
-            self.heal_deferred = self.heal_wanted or kind == "snapshot"
+            self.heal_deferred = True
             self.heal_wanted = False
         self.snapshot_seq, self.snapshot_parts = None, []
         self.gap_open = False

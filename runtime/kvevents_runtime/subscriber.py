@@ -258,27 +258,32 @@ class Subscriber:
         source = Source(self._next_index, endpoint, replay_endpoint, sequencer)
         self._next_index += 1
         sub = self._ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, self._rcvhwm)
-        if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://::"):
-            sub.setsockopt(zmq.IPV6, 1)
-        sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         source.sub = sub
         self._sources[source.index] = source
-        self._owners[sub] = (source, "live")
-        self._poller.register(sub, zmq.POLLIN)
-        if replay_endpoint is not None:
-            # A unique address: pyzmq's default names it by file descriptor, which a new
-            # socket can reuse while the old monitor's endpoint is still bound.
-            monitor = sub.get_monitor_socket(
-                zmq.EVENT_DISCONNECTED, addr=f"inproc://kvevents-monitor-{uuid.uuid4().hex}"
-            )
-            source.monitor = monitor
-            self._owners[monitor] = (source, "monitor")
-            self._poller.register(monitor, zmq.POLLIN)
-        attach(sub, endpoint, bind=False)
-        if replay_endpoint is not None:
-            self._open_dealer(source)
+        try:
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.RCVHWM, self._rcvhwm)
+            if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://::"):
+                sub.setsockopt(zmq.IPV6, 1)
+            sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+            self._owners[sub] = (source, "live")
+            self._poller.register(sub, zmq.POLLIN)
+            if replay_endpoint is not None:
+                # A unique address: pyzmq's default names it by file descriptor, which a new
+                # socket can reuse while the old monitor's endpoint is still bound.
+                monitor = sub.get_monitor_socket(
+                    zmq.EVENT_DISCONNECTED, addr=f"inproc://kvevents-monitor-{uuid.uuid4().hex}"
+                )
+                source.monitor = monitor
+                self._owners[monitor] = (source, "monitor")
+                self._poller.register(monitor, zmq.POLLIN)
+            attach(sub, endpoint, bind=False)
+            if replay_endpoint is not None:
+                self._open_dealer(source)
+        except BaseException:
+            # A bad replay endpoint must not leave a half-added source behind.
+            self.remove_source(source)
+            raise
         actions: list[tuple[Any, ...]] = []
         sequencer.start(actions)
         self._act(source, actions, [])
@@ -293,8 +298,8 @@ class Subscriber:
             return
         for sock in (removed.monitor, removed.sub, removed.dealer):
             if sock is not None:
-                self._poller.unregister(sock)
-                self._owners.pop(sock, None)
+                if self._owners.pop(sock, None) is not None:
+                    self._poller.unregister(sock)
                 sock.close(linger=0)
         removed.sub = removed.dealer = removed.monitor = None
 

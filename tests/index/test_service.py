@@ -9,7 +9,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import xxhash
 
+from bench.impls import free_port
 from kvevents import vllm
 from kvevents.index import local_block_hashes
 from tests.support import ROOT, wait_until
@@ -131,6 +131,11 @@ def test_dynamo_request_shapes_and_status_codes(service, publishers) -> None:
         400,
         {"error": "invalid ZMQ endpoint 'bad': missing scheme"},
     )
+    bad_replay = {**register, "instance_id": 8, "replay_endpoint": "udp://127.0.0.1:1"}
+    status, answer = server.call("POST", "/register", bad_replay)
+    assert status == 400 and "udp://127.0.0.1:1" in answer["error"]
+    assert server.call("GET", "/workers?model_name=m")[1][0]["instance_id"] == 7
+    assert len(server.call("GET", "/workers?model_name=m")[1]) == 1
     rng = random.Random(1)
     tokens, hashes = chain(rng, 4)
     publish(pub, stored(hashes, tokens))
@@ -270,12 +275,6 @@ def test_parse_workers_takes_dynamos_syntax() -> None:
         parse_workers("1tcp://h:5557")
     with pytest.raises(ValueError):
         parse_workers("x=tcp://h:5557")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_the_command_serves_query_for_a_running_publisher(publishers) -> None:

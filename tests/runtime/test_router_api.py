@@ -71,3 +71,17 @@ def test_the_asyncio_subscriber_keeps_the_contract(publishers) -> None:
     got = asyncio.run(main())
     assert [d.seq for d in got] == list(range(20))
     assert [d.batch.ts for d in got] == [float(n) for n in range(20)]
+
+
+def test_a_source_with_a_bad_replay_endpoint_is_not_half_added(publishers) -> None:
+    """The live socket is opened first; a replay endpoint that cannot be used must close it
+    again, so the subscriber is left exactly as it was and the source can be added later."""
+    publisher = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK)
+    publishers.append(publisher)
+    with kvevents.Subscriber(sources=[]) as sub:
+        with pytest.raises(kvevents.EndpointError):
+            sub.add_source(publisher.connect_endpoint, "udp://127.0.0.1:1")
+        assert sub.sources == []
+        sub.poll(0)  # no socket of the failed source is left in the poller
+        source = sub.add_source(publisher.connect_endpoint, publisher.connect_replay_endpoint)
+        assert [s.index for s in sub.sources] == [source.index]

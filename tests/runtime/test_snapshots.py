@@ -22,6 +22,7 @@ from kvevents import Subscriber, sglang, vllm
 from kvevents.sglang.snapshot import SHAPE as SGLANG_SHAPE
 from kvevents.vllm.snapshot import SHAPE as VLLM_SHAPE
 from kvevents_runtime.blockset import MAX_BLOCKS_PER_BATCH, BlockSet
+from tests.support import wait_until
 
 LOOPBACK = "tcp://127.0.0.1:0"
 BLOCK = 4
@@ -220,21 +221,16 @@ def test_a_late_subscriber_heals_from_a_snapshot(publishers, join: str) -> None:
     batches = random_batches(300, seed=1)
     for b in batches:
         pub.publish(b)
-    deadline = time.monotonic() + 10
-    while pub.counters()["next_seq"] < len(batches) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_until(lambda: pub.counters()["next_seq"] >= len(batches), 10)
     consumer = Consumer()
     with Subscriber(pub.connect_endpoint, pub.connect_replay_endpoint, join=join) as sub:  # type: ignore[arg-type]
         if join == "first_seen":
             tail = random_batches(5, seed=2)
             batches += tail
 
-            def publish_tail() -> None:
-                for b in tail:
-                    pub.publish(b)
-
             drive(sub, consumer, lambda: False, timeout=0.3)
-            publish_tail()
+            for b in tail:
+                pub.publish(b)
         drive(sub, consumer, lambda: live_state(consumer.state) == truth_of(batches))
         stats = dict(sub.stats)
     assert live_state(consumer.state) == truth_of(batches), stats
@@ -274,9 +270,7 @@ def test_without_snapshots_the_loss_is_only_reported(publishers) -> None:
     batches = random_batches(100, seed=4)
     for b in batches:
         pub.publish(b)
-    deadline = time.monotonic() + 10
-    while pub.counters()["next_seq"] < len(batches) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_until(lambda: pub.counters()["next_seq"] >= len(batches), 10)
     consumer = Consumer()
     with Subscriber(pub.connect_endpoint, pub.connect_replay_endpoint) as sub:  # type: ignore[arg-type]
         drive(sub, consumer, lambda: sub.stats["delivered"] >= 8, timeout=10)

@@ -20,14 +20,16 @@ def batch(n: int = 0) -> vllm.KVEventBatch:
     )
 
 
-def collect(sub: Subscriber, until, timeout: float = 60.0, slow_every: int = 0):
+def collect(
+    sub: Subscriber, until, timeout: float = 60.0, slow_every: int = 0, pause: float = 0.01
+):
     got = []
     deadline = time.monotonic() + timeout
     while not until(got) and time.monotonic() < deadline:
         for delivery in sub.poll(0.2):
             got.append(delivery)
             if slow_every and len(got) % slow_every == 0:
-                time.sleep(0.01)  # a deliberately slow consumer
+                time.sleep(pause)  # a deliberately slow consumer
     return got
 
 
@@ -55,7 +57,9 @@ def test_100k_batches_through_a_tiny_hwm_arrive_exactly_once_in_order(publishers
 
         producer = threading.Thread(target=produce)
         producer.start()
-        got = collect(sub, lambda g: len(g) >= total, timeout=120, slow_every=2000)
+        # 50 ms pauses: far longer than 20-message pipes take to fill while the producer
+        # runs, so drops happen on a fast machine too (10 ms was sometimes not enough).
+        got = collect(sub, lambda g: len(g) >= total, timeout=120, slow_every=2000, pause=0.05)
         producer.join()
         stats = dict(sub.stats)
     assert [d.seq for d in got] == list(range(total))

@@ -125,10 +125,44 @@ class _ReceiveFloor(_SocketConsumer):
         return seqs
 
 
+class _StrictFloor(_SocketConsumer):
+    """The least a consumer does that keeps issue 12's framing rule (a message of the wrong
+    frame count is dropped whole, never merged with its neighbour) and decodes: every frame
+    taken as a `zmq.Frame` for its `more` flag, the seq read, the payload copied and passed
+    to the same tolerant decoder as the subscriber's. No ordering, no bookkeeping: whatever
+    the subscriber adds to this is its own overhead, and no strictly framed consumer on
+    pyzmq can be faster than this row."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, topic: str) -> None:
+        from kvevents.codec import decode
+
+        super().__init__(ctx, endpoint, topic)
+        self.decode = decode
+
+    def take(self) -> list[int]:
+        seqs: list[int] = []
+        recv, noblock, decode, from_bytes = self.sub.recv, zmq.NOBLOCK, self.decode, int.from_bytes
+        while len(seqs) < CHUNK:
+            try:
+                first = recv(noblock, copy=False)
+            except zmq.Again:
+                if seqs or not self.sub.poll(IDLE_TIMEOUT_MS):
+                    break
+                continue
+            second = recv(noblock, copy=False) if first.more else None
+            last = recv(noblock, copy=False) if second is not None and second.more else None
+            if last is None or last.more:
+                raise RuntimeError("every sender here sends exactly three frames")
+            decode(last.bytes)
+            seqs.append(from_bytes(second, "big"))  # type: ignore[arg-type]  # Frame has the buffer protocol
+        return seqs
+
+
 CONSUMERS = {
     "kvevents": _KveventsConsumer,
     "vllm_example": _ExampleConsumer,
     "recv_floor": _ReceiveFloor,
+    "strict_floor": _StrictFloor,
 }
 
 

@@ -22,7 +22,7 @@ from .impls import PAIRS, RAW_SENDERS, Impl, encode_all, load_impls
 from .stats import Figure
 
 TRANSPORTS = ("tcp", "ipc")
-CONSUMERS = ("kvevents", "vllm_example", "recv_floor")
+CONSUMERS = ("kvevents", "vllm_example", "recv_floor", "strict_floor")
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from .sequencer import (
     SNAPSHOT,
     JoinPolicy,
     Sequencer,
+    fingerprint,
 )
 from .wire import Wire
 
@@ -380,6 +381,7 @@ class Subscriber:
         seq_size = self._seq_size
         from_bytes = int.from_bytes
         decode = self._decode
+        digest = fingerprint
         append = out.append
         topic = self._topic
         end_seq = self._end_seq
@@ -434,7 +436,7 @@ class Subscriber:
                 # In order with nothing held: the common case, delivered inline.
                 sequencer.last_live = seq
                 sequencer.expected = seq + 1
-                recent[seq & _MASK] = (seq, hash(payload))
+                recent[seq & _MASK] = (seq, digest(payload))
                 try:
                     batch = decode(payload)
                 except DecodeError as exc:

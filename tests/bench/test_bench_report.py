@@ -54,7 +54,11 @@ def synthetic(speedup: float) -> dict:
                 "dropped": [0],
                 "in_order": True,
             }
-            for consumer, rate in (("vllm_example", 150_000), ("recv_floor", 1_000_000 * speedup)):
+            for consumer, rate in (
+                ("vllm_example", 150_000),
+                ("recv_floor", 1_000_000 * speedup),
+                ("strict_floor", 300_000 * speedup),
+            ):
                 delivered[consumer, shape, transport] = {
                     "figures": {"batches_per_s": fig(rate)},
                     "dropped": [0],
@@ -119,6 +123,7 @@ def test_every_target_is_met_when_kvevents_is_far_ahead():
             "replay_full",
             "decode",
             "subscriber",
+            "filed_rate",
             "rss",
         ],
         True,
@@ -134,6 +139,20 @@ def test_a_ratio_target_is_not_met_when_kvevents_is_only_twice_as_fast(target):
     assert verdict[target]["met"] is False
     assert verdict[target]["bound"], "an unmet target must say what bounds it"
     assert all(row["value"] == pytest.approx(2) for row in verdict[target]["rows"])
+
+
+def test_the_filed_rate_is_judged_on_the_advantage_over_the_example_consumer():
+    """Issue 12's rate target carries the filed run to this one through the example consumer:
+    at 2x its rate kvevents is below every filed advantage (2.30x, 1.15x, 2.78x, ...) but (b)'s,
+    and the unmet target quotes the strictly framed floor on the same scale."""
+    verdict = {t["id"]: t for t in report.targets(synthetic(speedup=2))}
+    filed = verdict["filed_rate"]
+    assert filed["met"] is False
+    values = {row["what"]: row["value"] for row in filed["rows"]}
+    assert values["(a) tcp"] == pytest.approx(2 / 2.30)
+    assert values["(b) tcp"] == pytest.approx(2 / 1.15)
+    assert [row["what"] for row in filed["rows"] if row["ok"]] == ["(b) tcp", "(b) ipc"]
+    assert f"(a) tcp {4 / 2.30:.3g}" in filed["bound"]  # the floor: 4x the example consumer
 
 
 def test_one_failing_comparison_fails_its_target():

@@ -42,6 +42,7 @@ from kvevents_runtime.sequencer import (
     RESET,
     SNAPSHOT,
     Sequencer,
+    fingerprint,
 )
 
 EXAMPLES = int(os.environ.get("KVEVENTS_CONTRACT_EXAMPLES", "10000"))
@@ -149,7 +150,7 @@ class World:
             # The subscriber's fast path, exactly as it takes it: only `expected` moves.
             sequencer.last_live = seq
             sequencer.expected = seq + 1
-            sequencer.recent[seq % RECENT] = (seq, hash(payload))
+            sequencer.recent[seq % RECENT] = (seq, fingerprint(payload))
             out.append((DELIVER, seq, payload))
         else:
             sequencer.live(seq, payload, out)

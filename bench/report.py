@@ -54,29 +54,32 @@ def _target(
     }
 
 
-def _filed_rate_target(delivered: dict[tuple[str, str, str], Any]) -> dict[str, Any]:
-    def advantage(consumer: str, shape: str, transport: str) -> float | None:
-        mine = delivered.get((consumer, shape, transport))
-        theirs = delivered.get(("vllm_example", shape, transport))
-        return ratio(
-            _m(mine and mine["figures"]["batches_per_s"]),
-            _m(theirs and theirs["figures"]["batches_per_s"]),
-        )
+def _advantage(
+    delivered: dict[tuple[str, str, str], Any], consumer: str, shape: str, transport: str
+) -> float | None:
+    """A consumer's delivered rate ÷ the vLLM-example consumer's in the same run."""
+    mine = delivered.get((consumer, shape, transport))
+    theirs = delivered.get(("vllm_example", shape, transport))
+    return ratio(
+        _m(mine and mine["figures"]["batches_per_s"]),
+        _m(theirs and theirs["figures"]["batches_per_s"]),
+    )
 
+
+def _filed_rate_target(delivered: dict[tuple[str, str, str], Any]) -> dict[str, Any]:
     rows = []
     floors = []
     for (shape, transport), filed in FILED_ADVANTAGE.items():
         rows.append(
             _row(
                 f"({shape}) {transport}",
-                ratio(advantage("kvevents", shape, transport), filed),
+                ratio(_advantage(delivered, "kvevents", shape, transport), filed),
                 1,
                 True,
             )
         )
-        floors.append(
-            f"({shape}) {transport} {fmt(ratio(advantage('strict_floor', shape, transport), filed))}"
-        )
+        floor = _advantage(delivered, "strict_floor", shape, transport)
+        floors.append(f"({shape}) {transport} {fmt(ratio(floor, filed))}")
     return _target(
         "filed_rate",
         "subscriber delivered rate ≥ the rate checked in when issue 12 was filed "
@@ -299,15 +302,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for shape in SHAPES:
         for transport in ("tcp", "ipc"):
-            mine = delivered.get(("kvevents", shape, transport))
-            theirs = delivered.get(("vllm_example", shape, transport))
             rows.append(
                 _row(
                     f"({shape}) {transport}",
-                    ratio(
-                        _m(mine and mine["figures"]["batches_per_s"]),
-                        _m(theirs and theirs["figures"]["batches_per_s"]),
-                    ),
+                    _advantage(delivered, "kvevents", shape, transport),
                     3,
                     True,
                 )
@@ -446,14 +444,9 @@ def markdown(results: dict[str, Any], verdict: list[dict[str, Any]], command: st
     for (consumer, shape, transport), row in sorted(
         results["delivered"].items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])
     ):
-        other = results["delivered"].get(("vllm_example", shape, transport))
         vs = (
-            _x(
-                ratio(
-                    row["figures"]["batches_per_s"].median, other["figures"]["batches_per_s"].median
-                )
-            )
-            if consumer == "kvevents" and other
+            _x(_advantage(results["delivered"], consumer, shape, transport))
+            if consumer == "kvevents" and ("vllm_example", shape, transport) in results["delivered"]
             else ""
         )
         name = CONSUMER_LABELS[consumer]

@@ -253,11 +253,11 @@ class Sequencer:
                 self._repair(out)
             return
         if seq < expected:
-            entry = self.recent[seq & _MASK]
+            same = self._same_as_delivered(seq, payload)
             if self.info_supported:
                 # Instance ids decide restarts: other bytes under a delivered seq are a late
                 # batch of an earlier instance, or a sign to ask who the publisher is now.
-                if entry is not None and entry[0] == seq and entry[1] != fingerprint(payload):
+                if same is False:
                     self.late += 1
                     if self.outstanding is None:
                         self.outstanding = "info"
@@ -265,8 +265,8 @@ class Sequencer:
                 else:
                     self.duplicates += 1
                 return
-            if entry is not None and entry[0] == seq:
-                duplicate = entry[1] == fingerprint(payload)
+            if same is not None:
+                duplicate = same
             else:
                 # Older than the recent window: a live stream lagging behind a replay still
                 # moves forward; at or below the live watermark it is a new instance.
@@ -359,8 +359,7 @@ class Sequencer:
         if self.unverified is not None and seq in self.unverified:
             self._place(seq, payload)
         if seq < self.expected:
-            entry = self.recent[seq & _MASK]
-            if entry is not None and entry[0] == seq and entry[1] != fingerprint(payload):
+            if self._same_as_delivered(seq, payload) is False:
                 self._restart(
                     "a replayed batch differs from the one delivered under its seq", False, out
                 )
@@ -546,6 +545,14 @@ class Sequencer:
         entry = self.recent[(expected - 1) & _MASK] if expected else None
         overlap = entry is not None and entry[0] == expected - 1
         out.append((REQUEST_REPLAY, expected - 1 if overlap else expected))
+
+    def _same_as_delivered(self, seq: int, payload: bytes) -> bool | None:
+        """Whether `payload` has the bytes delivered under `seq`; None when `seq` is outside
+        the recent window (or was never delivered), so nothing can be said."""
+        entry = self.recent[seq & _MASK]
+        if entry is None or entry[0] != seq:
+            return None
+        return entry[1] == fingerprint(payload)
 
     def _deliver(self, seq: int, payload: bytes, out: list[tuple[Any, ...]]) -> None:
         self.expected = seq + 1

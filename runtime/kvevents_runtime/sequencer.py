@@ -219,18 +219,9 @@ class Sequencer:
         """The live socket lost its connection (and makes a new one): the publisher may come
         back as a new instance whose first batch carries exactly the seq the old stream
         expects next. Live batches are held until the publisher says who it is."""
-        if (
-            self.suspect
-            or self.info_supported is False
-            or not self.can_replay
-            or self.expected is None
-        ):
+        if self.info_supported is False or not self.can_replay or self.expected is None:
             return
-        self.suspect = True
-        self.held = {}
-        if self.outstanding is None:
-            self.outstanding = "info"
-            out.append((REQUEST_INFO,))
+        self._hold_until_told(out)
 
     @_settles
     def live(self, seq: int, payload: bytes, out: list[tuple[Any, ...]]) -> None:
@@ -258,10 +249,11 @@ class Sequencer:
                 # Instance ids decide restarts: other bytes under a delivered seq are a late
                 # batch of an earlier instance, or a sign to ask who the publisher is now.
                 if same is False:
+                    # The reconnect notice that holds live input can come after the new
+                    # instance's first batches (it travels apart from the data): without
+                    # this hold, its next batch at the expected seq would be spliced on.
                     self.late += 1
-                    if self.outstanding is None:
-                        self.outstanding = "info"
-                        out.append((REQUEST_INFO,))
+                    self._hold_until_told(out)
                 else:
                     self.duplicates += 1
                 return
@@ -545,6 +537,16 @@ class Sequencer:
         entry = self.recent[(expected - 1) & _MASK] if expected else None
         overlap = entry is not None and entry[0] == expected - 1
         out.append((REQUEST_REPLAY, expected - 1 if overlap else expected))
+
+    def _hold_until_told(self, out: list[tuple[Any, ...]]) -> None:
+        """Hold live batches until the publisher says who it is (an info answer)."""
+        if self.suspect:
+            return
+        self.suspect = True
+        self.held = {}
+        if self.outstanding is None:
+            self.outstanding = "info"
+            out.append((REQUEST_INFO,))
 
     def _same_as_delivered(self, seq: int, payload: bytes) -> bool | None:
         """Whether `payload` has the bytes delivered under `seq`; None when `seq` is outside

@@ -20,8 +20,6 @@ import msgspec
 import kvevents
 from kvevents import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, frames
 
-ENCODER = f"kvevents {kvevents.__version__}, msgspec {msgspec.__version__}"
-
 
 def plain(value: Any) -> Any:
     """JSON form of decoded msgpack values: bytes become {"$bytes": hex}."""
@@ -260,7 +258,7 @@ def build() -> dict[str, str]:
                 },
             }
         out[f"cases/{name}.json"] = _dump(
-            {"encoder": ENCODER, "canonical": canonical_json(batch), "dialects": dialects}
+            {"canonical": canonical_json(batch), "dialects": dialects}
         )
     for name, wire in DECODE.items():
         payload = _payload(wire)

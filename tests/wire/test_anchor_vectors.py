@@ -1,4 +1,6 @@
-"""The producers' own bytes (shared/reference/anchor-vectors.json), reproduced and decoded."""
+"""The producers' own bytes, reproduced and decoded. The vectors are facts (payloads vLLM's and
+SGLang's own structs emitted) copied into tests/data/ from shared/reference/anchor-vectors.json,
+so the suite runs on a plain clone; where shared/ sits beside the checkout the copy must equal it."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import pytest
 import kvevents
 from tests.support import ROOT
 
-ANCHORS = ROOT.parent / "shared" / "reference" / "anchor-vectors.json"
-VECTORS = json.loads(ANCHORS.read_text())["vectors"] if ANCHORS.exists() else {}
+ANCHORS = ROOT / "tests" / "data" / "anchor-vectors.json"
+SHARED_ANCHORS = ROOT.parent / "shared" / "reference" / "anchor-vectors.json"
+VECTORS = json.loads(ANCHORS.read_text())["vectors"]
 CASES = [(d, name) for d, named in VECTORS.items() for name in named]
 
 
@@ -39,8 +42,18 @@ def build(module: Any, wire: list[Any]) -> Any:
 
 
 def test_every_dialect_has_anchor_vectors() -> None:
-    assert ANCHORS.exists(), f"{ANCHORS} is missing: the shared reference sits beside the checkout"
     assert set(VECTORS) == set(kvevents.DIALECTS)
+    assert all(len(named) >= 3 for named in VECTORS.values())
+
+
+def test_the_copied_vectors_equal_the_shared_reference() -> None:
+    if not SHARED_ANCHORS.exists():
+        pytest.skip(
+            f"{SHARED_ANCHORS} is not beside this checkout: nothing to compare the copy with"
+        )
+    assert json.loads(SHARED_ANCHORS.read_text()) == json.loads(ANCHORS.read_text()), (
+        f"the reference changed: copy {SHARED_ANCHORS} to {ANCHORS}"
+    )
 
 
 @pytest.mark.parametrize(("dialect", "name"), CASES)

@@ -10,10 +10,18 @@ from pathlib import Path
 
 import zmq
 
+import kvevents
 from kvevents import frames
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDENS = ROOT / "tests" / "goldens"
+
+
+def stable_tcp() -> str:
+    """A loopback endpoint on a port below the ephemeral range, for a publisher that a test
+    restarts in place: a reconnecting SUB can take an ephemeral port while it is down
+    (kvevents.stable_port says how)."""
+    return f"tcp://127.0.0.1:{kvevents.stable_port()}"
 
 
 def inproc_endpoint() -> str:

@@ -9,6 +9,9 @@
 - `Subscriber`: in-order batches with gaps repaired by replay; `kvevents.aio.Subscriber`
   the same, awaited; `SubscriberCollector` / `PublisherCollector` for Prometheus.
 - `schema_path()`: the directory of the JSON Schema and AsyncAPI documents.
+- `check_endpoint(endpoint)`: EndpointError unless it is tcp://host:port, ipc:// or inproc://.
+- `stable_port()`: a free TCP port below the ephemeral range, for a publisher that will be
+  restarted on the port it had.
 
 `import kvevents` loads msgspec only: the subscriber, the publishers and their config
 models (zmq, pydantic) load on first use.
@@ -41,7 +44,9 @@ from .events import (
 )
 
 if TYPE_CHECKING:
+    from kvevents_runtime.endpoints import check_endpoint
     from kvevents_runtime.metrics import PublisherCollector, SubscriberCollector
+    from kvevents_runtime.ports import stable_port
     from kvevents_runtime.subscriber import Delivery, Notice
 
     from . import legacy as legacy
@@ -57,6 +62,8 @@ _LAZY = {
     "Delivery": "kvevents_runtime.subscriber",
     "SubscriberCollector": "kvevents_runtime.metrics",
     "PublisherCollector": "kvevents_runtime.metrics",
+    "stable_port": "kvevents_runtime.ports",
+    "check_endpoint": "kvevents_runtime.endpoints",
 }
 _SUBMODULES = frozenset(
     {"vllm", "sglang", "legacy", "aio", "index", "mock", "frames", "loops", "wire"}
@@ -111,4 +118,6 @@ __all__ = [
     "encode",
     "project",
     "schema_path",
+    "stable_port",
+    "check_endpoint",
 ]

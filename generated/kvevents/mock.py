@@ -56,6 +56,7 @@ def MockEngine(  # noqa: N802  (a factory named as the class it returns)
             buffer_steps=buffer_steps,
             hwm=hwm,
             snapshots=snapshots and replay is not None,
+            bind=True,  # an engine binds; its port-0 endpoints are pinned before this
             queue_full_policy="block",
             block_timeout=5.0,
         )

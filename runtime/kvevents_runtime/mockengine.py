@@ -30,6 +30,7 @@ from typing import Any
 import xxhash
 
 from .blockhash import block_seed
+from .ports import pin_port
 
 _U64 = (1 << 64) - 1
 _hash = xxhash.xxh3_64_intdigest
@@ -163,6 +164,10 @@ class MockEngine:
         self._endpoint = endpoint
         self._replay_endpoint = replay_endpoint
         if make_publisher is not None:
+            # Port 0 would be an ephemeral port, which a reconnecting subscriber can take
+            # while the engine restarts (kvevents_runtime.ports).
+            endpoint = pin_port(endpoint)
+            replay_endpoint = None if replay_endpoint is None else pin_port(replay_endpoint)
             self.publisher = make_publisher(endpoint, replay_endpoint)
             # Restarts come back on the same ports, as an engine restarted in place does.
             self._endpoint = self.publisher.connect_endpoint

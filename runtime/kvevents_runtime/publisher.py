@@ -83,6 +83,7 @@ class ZmqPublisherCore:
         resolve_ephemeral: Callable[[str], str] | None = None,
         dialect: str = "",
         snapshot_shape: BlockShape | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         """`resolve_ephemeral` rewrites a wildcard tcp endpoint with port 0 before it is
         bound (vLLM binds the node IP there, so the advertised endpoint is dialable).
@@ -115,7 +116,7 @@ class ZmqPublisherCore:
                 configured_replay = resolve_ephemeral(configured_replay)
         self._configured_endpoint = configured
         self._configured_replay_endpoint = configured_replay
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context.instance()
         self._pub: zmq.Socket = self._ctx.socket(zmq.PUB)
         try:
             self._pub.setsockopt(zmq.LINGER, 0)
@@ -396,9 +397,10 @@ class ZmqPublisherCore:
         return None if endpoint is None else endpoints.connectable(endpoint)
 
     def counters(self) -> dict[str, int]:
-        """A snapshot of the publisher's counters as a plain dict."""
+        """A snapshot of the publisher's counters as a plain dict; `live_blocks` and
+        `untracked_events` only with snapshots on."""
         replay = self._replay
-        return {
+        counters = {
             "published": self._published,
             "next_seq": self._next_seq,
             "queue_depth": len(self._queue),
@@ -416,9 +418,11 @@ class ZmqPublisherCore:
             "replayed_batches": replay.replayed,
             "snapshot_requests": replay.snapshot_requests,
             "snapshot_batches": replay.snapshot_batches,
-            "live_blocks": -1 if replay.blocks is None else len(replay.blocks),
-            "untracked_events": 0 if replay.blocks is None else replay.blocks.untracked,
         }
+        if replay.blocks is not None:  # only a publisher with snapshots keeps the block set
+            counters["live_blocks"] = len(replay.blocks)
+            counters["untracked_events"] = replay.blocks.untracked
+        return counters
 
     @staticmethod
     def offset_endpoint_port(endpoint: str | None, data_parallel_rank: int) -> str | None:

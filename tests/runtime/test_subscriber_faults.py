@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import kvevents
 from kvevents import Subscriber, frames, vllm
-from tests.support import wait_until
+from tests.support import stable_tcp, wait_until
 
 LOOPBACK = "tcp://127.0.0.1:0"
 
@@ -36,8 +36,8 @@ def collect(sub: Subscriber, until, timeout: float = 15.0) -> list:
 def test_a_restart_past_the_old_seq_is_seen_by_instance_id(publishers) -> None:
     """The old subscriber spliced a restarted publisher that had run past the old seq onto
     the old stream; the instance id in the info reply tells them apart."""
-    first = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK)
-    live, replay = first.connect_endpoint, first.connect_replay_endpoint
+    live, replay = stable_tcp(), stable_tcp()  # restarted in place: not an ephemeral port
+    first = vllm.ZmqEventPublisher(0, live, replay)
     notices: list = []
     with Subscriber(live, replay, on_notice=notices.append, idle_probe=0.2) as sub:
         for n in range(5):
@@ -265,8 +265,8 @@ def test_the_contract_holds_with_the_real_publisher(schedule) -> None:
     buffers that may not reach back. Each batch's ts names its instance and seq."""
     instance = 0
     buffer_steps = 10_000
-    publisher = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, hwm=20, buffer_steps=buffer_steps)
-    live, replay = publisher.connect_endpoint, publisher.connect_replay_endpoint
+    live, replay = stable_tcp(), stable_tcp()  # restarted in place: not an ephemeral port
+    publisher = vllm.ZmqEventPublisher(0, live, replay, hwm=20, buffer_steps=buffer_steps)
     notices: list = []
     got: list = []
     sent = [0]

@@ -78,9 +78,11 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
     Arguments are the producer's; the keyword-only ones are kvevents' own:
     `queue_full_policy` ("drop_newest", "drop_oldest" or "block" up to `block_timeout`
     seconds), `replay_reply_topic` (None: without the topic frame, as SGLang 0.4.7-0.5.6), and
-    `shutdown_timeout` (seconds shutdown() waits for the queue to drain), and `snapshots`
+    `shutdown_timeout` (seconds shutdown() waits for the queue to drain), `snapshots`
     (keep the set of blocks live by what was published and serve it to subscribers that
-    lost history; memory grows with the live blocks, see README "State snapshots").
+    lost history; memory grows with the live blocks, see README "State snapshots"), and
+    `context` (the pyzmq Context its sockets are made in, e.g. one with default socket
+    options; None: the process's shared one).
     """
 
     wire = WIRE
@@ -103,6 +105,7 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
         replay_reply_topic: bool | None = None,
         shutdown_timeout: float | None = None,
         snapshots: bool = False,
+        context: Any = None,
     ) -> None:
         EventPublisher.__init__(self, attn_dp_rank)
         self._dp_rank = attn_dp_rank
@@ -122,6 +125,7 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
             shutdown_timeout,
             dialect=DIALECT,
             snapshot_shape=SHAPE if snapshots else None,
+            context=context,
         )
 
     def publish(self, events: EventBatch) -> None:

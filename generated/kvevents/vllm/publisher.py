@@ -92,9 +92,11 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
     Arguments are the producer's; the keyword-only ones are kvevents' own:
     `queue_full_policy` ("drop_newest", "drop_oldest" or "block" up to `block_timeout`
     seconds), `replay_reply_topic` (None: with the topic frame, as vLLM 0.33.0), and
-    `shutdown_timeout` (seconds shutdown() waits for the queue to drain), and `snapshots`
+    `shutdown_timeout` (seconds shutdown() waits for the queue to drain), `snapshots`
     (keep the set of blocks live by what was published and serve it to subscribers that
-    lost history; memory grows with the live blocks, see README "State snapshots").
+    lost history; memory grows with the live blocks, see README "State snapshots"), and
+    `context` (the pyzmq Context its sockets are made in, e.g. one with default socket
+    options; None: the process's shared one).
     """
 
     wire = WIRE
@@ -117,6 +119,7 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
         replay_reply_topic: bool | None = None,
         shutdown_timeout: float | None = None,
         snapshots: bool = False,
+        context: Any = None,
     ) -> None:
         EventPublisher.__init__(self, data_parallel_rank)
         self._dp_rank = data_parallel_rank
@@ -137,6 +140,7 @@ class ZmqEventPublisher(ZmqPublisherCore, EventPublisher):
             resolve_ephemeral=_bind_node_ip,
             dialect=DIALECT,
             snapshot_shape=SHAPE if snapshots else None,
+            context=context,
         )
         # As vLLM 0.33.0: the configured endpoints (wildcards kept), ephemeral ports resolved.
         self._config = KVEventsConfig(

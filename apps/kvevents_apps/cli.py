@@ -1,14 +1,23 @@
-"""The `kvevents` command: `tap` prints any engine's stream as JSON lines, `demo` runs the
-whole plane on loopback and shows a gap and a restart repaired."""
+"""kvevents: the KV-cache event plane for LLM serving.
+
+commands:
+  tap       print every event of an engine's stream as one JSON line (gaps repaired)
+  demo      publish, break and repair a stream on loopback: a gap and a restart, lost = 0
+  index     serve a KV prefix index over HTTP with Dynamo's standalone indexer API
+  simulate  mock engines, the index fed over loopback and a router, in simulated time
+
+`kvevents COMMAND --help` explains each command's options.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import msgspec
 
@@ -56,14 +65,29 @@ def sniff_dialect(payload: bytes) -> str:
     return "any"
 
 
-def _stderr_notice(notice: Notice) -> None:
-    print(f"kvevents: {notice}", file=sys.stderr, flush=True)
+def _fail(command: str, message: str) -> int:
+    print(f"kvevents {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _serve_metrics(port: int, subscriber: Any) -> Any:
+    """Serve the subscriber's collector on 127.0.0.1:`port`/metrics; returns the server."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from kvevents import SubscriberCollector
+
+    registry = CollectorRegistry()
+    registry.register(SubscriberCollector(subscriber))
+    started = start_http_server(port, addr="127.0.0.1", registry=registry)
+    return started[0] if isinstance(started, tuple) else None
 
 
 def tap(args: argparse.Namespace) -> int:
-    """Print every event as one JSON line; notices go to stderr."""
+    """Print every event as one JSON line; notices go to stderr, naming the endpoint."""
     encoder = msgspec.json.Encoder(enc_hook=_json_default)
     write = sys.stdout.buffer.write
+    if args.from_start and not args.replay:
+        return _fail("tap", "--from-start replays the publisher's buffer: give --replay too")
     join: Literal["start", "first_seen"] = "start" if args.from_start else "first_seen"
     for endpoint in (args.endpoint, args.replay):
         host = endpoint.partition("://")[2].rpartition(":")[0] if endpoint else ""
@@ -74,46 +98,74 @@ def tap(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    if args.metrics_port is not None:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            return _fail("tap", "--metrics-port needs its extra: pip install 'kvevents[metrics]'")
+
+    def on_notice(notice: Notice) -> None:
+        print(f"kvevents: {args.endpoint}: {notice}", file=sys.stderr, flush=True)
+
     with Subscriber(
         args.endpoint,
         args.replay,
         args.topic,
         join=join,
-        on_notice=_stderr_notice,
+        on_notice=on_notice,
         stale_after=args.silent or None,
     ) as sub:
-        started = time.monotonic()
-        seen = 0
-        while True:
-            deliveries = sub.poll(0.5)
-            if args.count:
-                deliveries = deliveries[: args.count - seen]
-            for delivery in deliveries:
-                seq, batch = delivery
-                dialect = sniff_dialect(delivery.payload)
-                for event in batch.events:
-                    line = {
-                        "seq": seq,
-                        "dp_rank": batch.dp_rank,
-                        "dialect": dialect,
-                        "ts": batch.ts,
-                        "source": delivery.source,
-                        "epoch": delivery.epoch,
-                        "event": event,
-                    }
-                    write(encoder.encode(line) + b"\n")
-                seen += 1
-            if deliveries:
-                sys.stdout.flush()
-            if args.count and seen >= args.count:
-                return 0
-            if not seen and args.timeout and time.monotonic() - started > args.timeout:
-                print(
-                    f"kvevents: nothing received from {args.endpoint} in {args.timeout:g}s "
-                    "(is a publisher running there?)",
-                    file=sys.stderr,
-                )
-                return 1
+        metrics = None
+        if args.metrics_port is not None:
+            try:
+                metrics = _serve_metrics(args.metrics_port, sub)
+            except OSError as exc:
+                return _fail("tap", f"cannot serve metrics on 127.0.0.1:{args.metrics_port}: {exc}")
+            print(
+                f"kvevents tap: metrics on http://127.0.0.1:{args.metrics_port}/metrics",
+                file=sys.stderr,
+                flush=True,
+            )
+        try:
+            return _tap_loop(args, sub, encoder, write)
+        finally:
+            if metrics is not None:
+                metrics.shutdown()
+
+
+def _tap_loop(args: argparse.Namespace, sub: Any, encoder: Any, write: Any) -> int:
+    started = time.monotonic()
+    seen = 0
+    while True:
+        deliveries = sub.poll(0.5)
+        if args.count:
+            deliveries = deliveries[: args.count - seen]
+        for delivery in deliveries:
+            seq, batch = delivery
+            dialect = sniff_dialect(delivery.payload)
+            for event in batch.events:
+                line = {
+                    "seq": seq,
+                    "dp_rank": batch.dp_rank,
+                    "dialect": dialect,
+                    "ts": batch.ts,
+                    "source": delivery.source,
+                    "epoch": delivery.epoch,
+                    "event": event,
+                }
+                write(encoder.encode(line) + b"\n")
+            seen += 1
+        if deliveries:
+            sys.stdout.flush()
+        if args.count and seen >= args.count:
+            return 0
+        if not seen and args.timeout and time.monotonic() - started > args.timeout:
+            print(
+                f"kvevents: nothing received from {args.endpoint} in {args.timeout:g}s "
+                "(is a publisher running there?)",
+                file=sys.stderr,
+            )
+            return 1
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -154,6 +206,16 @@ def simulate(args: argparse.Namespace) -> int:
 
     from . import simulate as sim
 
+    policies = args.policy or list(sim.POLICIES)
+    repeated = sorted({p for p in policies if policies.count(p) > 1})
+    if repeated:
+        return _fail("simulate", f"--policy {', '.join(repeated)} given more than once")
+    png = Path(args.png) if args.png else None
+    if png is not None:
+        if not sim.can_chart():
+            return _fail("simulate", "--png needs its extra: pip install 'kvevents[plot]'")
+        if not png.parent.is_dir():
+            return _fail("simulate", f"--png {png}: no directory {png.parent}")
     options = sim.Options(
         workers=args.workers,
         block_size=args.block_size,
@@ -167,21 +229,33 @@ def simulate(args: argparse.Namespace) -> int:
     if args.trace:
         path = Path(args.trace)
         if not path.is_file():
-            print(f"kvevents simulate: no trace file {path}", file=sys.stderr)
-            return 2
-        requests = list(sim.mooncake(path, args.limit))
+            return _fail("simulate", f"no trace file {path}")
+        try:
+            requests = list(sim.mooncake(path, args.limit))
+        except sim.TraceError as exc:
+            return _fail("simulate", str(exc))
+        if not requests:
+            return _fail("simulate", f"{path} holds no requests")
         title = f"{path.name}, {len(requests):,} requests, {args.workers} workers"
     else:
         requests = list(sim.synthetic(args.limit or 2000, args.seed))
         title = f"synthetic, {len(requests):,} requests, {args.workers} workers"
-    policies = args.policy or list(sim.POLICIES)
     results = sim.run_policies(policies, requests, options)
     if args.json:
         print(json.dumps(results, indent=1))
     else:
         print(sim.table(results))
-    if args.png and not sim.chart(results, Path(args.png), title):
-        print("kvevents simulate: no PNG: pip install matplotlib", file=sys.stderr)
+    uncached = max(r["uncached_requests"] for r in results)
+    if uncached:
+        print(
+            f"kvevents simulate: {uncached} of {len(requests)} requests were larger than an "
+            f"engine's whole cache ({args.capacity} blocks of {args.block_size} tokens) and "
+            "were served without caching or events",
+            file=sys.stderr,
+        )
+    if png is not None:
+        sim.chart(results, png, title)
+        print(f"kvevents simulate: chart written to {png}", file=sys.stderr)
     mismatched = [r for r in results if r["mismatches"] and not r["stale_workers"]]
     if mismatched:
         print(
@@ -192,52 +266,149 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr and exit status 2 (argparse's own convention),
+    with the command to ask for help instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None) -> Any:
+    """An argparse type: a `kind` (int or float) within [low, high]."""
+    noun = "a whole number" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g} (got {text})")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:g} (got {text})")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_PORT = _number(int, 0, 65535)
+_POSITIVE = _number(int, 1)
+_COUNT = _number(int, 0)
+_SECONDS = _number(float, 0)
+DIALECT_HELP = (
+    "the wire dialect: vllm (vLLM 0.33), sglang (SGLang 0.5.23), legacy (SGLang 0.4.7-0.5.6)"
+)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import kvevents
+
+    try:
+        return version("kvevents")
+    except PackageNotFoundError:
+        return kvevents.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvevents", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    p_tap = commands.add_parser("tap", help="print every event of a stream as one JSON line")
+    parser = _Parser(
+        prog="kvevents",
+        description="kvevents: the KV-cache event plane for LLM serving.",
+        epilog="`kvevents COMMAND --help` explains each command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvevents {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_tap = commands.add_parser(
+        "tap",
+        help="print every event of a stream as one JSON line",
+        description="Follow one publisher and print every event as one JSON line on stdout "
+        "(seq, dp_rank, dialect, ts, source, epoch, event); gaps are repaired by replay, and "
+        "notices (gaps, restarts, silence) go to stderr, each naming the endpoint.",
+    )
     p_tap.add_argument("endpoint", help="live PUB endpoint, e.g. tcp://127.0.0.1:5557")
     p_tap.add_argument(
-        "--replay", metavar="EP", help="replay ROUTER endpoint, e.g. tcp://127.0.0.1:5558"
+        "--replay",
+        metavar="EP",
+        help="replay ROUTER endpoint, e.g. tcp://127.0.0.1:5558 (without it gaps are "
+        "reported lost, not repaired)",
     )
-    p_tap.add_argument("--topic", default="", help="topic prefix to subscribe to")
+    p_tap.add_argument("--topic", default="", help="topic prefix to subscribe to (default: all)")
     p_tap.add_argument(
-        "--from-start", action="store_true", help="replay the publisher's buffer on joining"
+        "--from-start",
+        action="store_true",
+        help="replay the publisher's buffer on joining (needs --replay)",
     )
-    p_tap.add_argument("--count", type=int, default=0, help="exit after this many batches")
+    p_tap.add_argument(
+        "--count", type=_COUNT, default=0, help="exit after this many batches (0: never)"
+    )
     p_tap.add_argument(
         "--timeout",
-        type=float,
+        type=_SECONDS,
         default=0.0,
-        help="exit 1 if nothing arrives within this many seconds",
+        metavar="SECONDS",
+        help="exit 1 if nothing arrives within this many seconds (0: wait forever)",
     )
     p_tap.add_argument(
         "--silent",
-        type=float,
+        type=_SECONDS,
         default=10.0,
         metavar="SECONDS",
         help="warn on stderr when a source says nothing for this long (0: never; default 10)",
     )
+    p_tap.add_argument(
+        "--metrics-port",
+        type=_PORT,
+        metavar="PORT",
+        help="serve the subscriber's Prometheus metrics on http://127.0.0.1:PORT/metrics "
+        "(needs kvevents[metrics])",
+    )
     p_tap.set_defaults(func=tap)
-    p_demo = commands.add_parser("demo", help="publish and repair a synthetic stream on loopback")
-    p_demo.add_argument(
-        "--batches", type=int, default=20_000, help="batches to publish (default 20000)"
+    p_demo = commands.add_parser(
+        "demo",
+        help="publish and repair a synthetic stream on loopback",
+        description="Publish a synthetic stream on two free loopback ports, stall the "
+        "subscriber so the PUB socket drops batches (a gap that replay repairs), restart the "
+        "publisher half-way (a reset), and print a summary ending in 'lost = N'. Exit 0 when "
+        "nothing was lost.",
     )
-    p_demo.add_argument("--dialect", choices=("vllm", "sglang", "legacy"), default="vllm")
     p_demo.add_argument(
-        "--port", type=int, default=0, help="live port (replay uses port+1); 0 picks free ports"
+        "--batches",
+        type=_POSITIVE,
+        default=20_000,
+        help="batches to publish (default 20000; the stall needs 4000 or more)",
     )
-    p_demo.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_demo.add_argument(
+        "--dialect", choices=("vllm", "sglang", "legacy"), default="vllm", help=DIALECT_HELP
+    )
+    p_demo.add_argument(
+        "--port",
+        type=_number(int, 0, 65534),
+        default=0,
+        help="live port (replay uses port+1); 0 picks free ports below the ephemeral range",
+    )
+    p_demo.add_argument("--quiet", action="store_true", help="no progress lines or notices")
     p_demo.set_defaults(func=demo)
     p_index = commands.add_parser(
-        "index", help="serve a KV prefix index over HTTP with Dynamo's standalone indexer API"
+        "index",
+        help="serve a KV prefix index over HTTP with Dynamo's standalone indexer API",
+        description="Serve Dynamo's standalone indexer API (POST /register, /unregister, "
+        "/query, /query_by_hash; GET /workers, /dump, /health, /metrics) from a prefix index "
+        "kept live by the engines' event streams. Needs kvevents[index].",
     )
-    p_index.add_argument("--port", type=int, default=8090, help="HTTP port (default 8090)")
+    p_index.add_argument("--port", type=_PORT, default=8090, help="HTTP port (default 8090)")
     p_index.add_argument(
         "--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1; 0.0.0.0 for all)"
     )
     p_index.add_argument(
-        "--block-size", type=int, default=16, help="block size of --workers (default 16)"
+        "--block-size",
+        type=_POSITIVE,
+        default=16,
+        help="tokens per KV block of the --workers engines (default 16)",
     )
     p_index.add_argument(
         "--workers",
@@ -247,33 +418,63 @@ def build_parser() -> argparse.ArgumentParser:
     p_index.add_argument(
         "--replay", metavar="LIST", help="their replay endpoints, in the same form as --workers"
     )
-    p_index.add_argument("--model-name", default="default", help="model of --workers")
-    p_index.add_argument("--routing-group", default="default", help="routing group of --workers")
+    p_index.add_argument(
+        "--model-name", default="default", help="model of --workers (default 'default')"
+    )
+    p_index.add_argument(
+        "--routing-group",
+        default="default",
+        help="routing group of --workers (default 'default')",
+    )
     p_index.set_defaults(func=index)
     p_sim = commands.add_parser(
-        "simulate", help="mock engines, a KV index over loopback and a router, in simulated time"
+        "simulate",
+        help="mock engines, a KV index over loopback and a router, in simulated time",
+        description="Run mock engines publishing over loopback, a KV index fed by the real "
+        "subscriber and a router, in simulated time; print a table per routing policy and "
+        "check that the index equals every engine's cache (exit 1 on an unflagged mismatch).",
     )
-    p_sim.add_argument("--trace", help="a Mooncake FAST'25 trace (JSONL); default: synthetic")
-    p_sim.add_argument("--limit", type=int, help="use only the first N requests")
-    p_sim.add_argument("--workers", type=int, default=8, help="mock engines (default 8)")
-    p_sim.add_argument("--block-size", type=int, default=16)
     p_sim.add_argument(
-        "--capacity", type=int, default=65_536, help="KV cache blocks per engine (default 65536)"
+        "--trace", metavar="FILE", help="a Mooncake FAST'25 trace (JSONL); default: synthetic"
     )
-    p_sim.add_argument("--dialect", choices=("vllm", "sglang", "legacy"), default="vllm")
+    p_sim.add_argument(
+        "--limit",
+        type=_POSITIVE,
+        metavar="N",
+        help="use only the first N requests (default: the whole trace, or 2000 synthetic)",
+    )
+    p_sim.add_argument("--workers", type=_POSITIVE, default=8, help="mock engines (default 8)")
+    p_sim.add_argument(
+        "--block-size", type=_POSITIVE, default=16, help="tokens per KV block (default 16)"
+    )
+    p_sim.add_argument(
+        "--capacity",
+        type=_POSITIVE,
+        default=65_536,
+        metavar="BLOCKS",
+        help="KV cache blocks per engine (default 65536)",
+    )
+    p_sim.add_argument(
+        "--dialect", choices=("vllm", "sglang", "legacy"), default="vllm", help=DIALECT_HELP
+    )
     p_sim.add_argument(
         "--policy",
         action="append",
         choices=("round_robin", "random", "kv", "oracle"),
         help="run only this policy (repeatable); default: all four",
     )
-    p_sim.add_argument("--seed", type=int, default=0)
     p_sim.add_argument(
-        "--check-every",
+        "--seed",
         type=int,
         default=0,
+        help="seed of the synthetic workload and the random policy (default 0)",
+    )
+    p_sim.add_argument(
+        "--check-every",
+        type=_COUNT,
+        default=0,
         metavar="N",
-        help="also check index == engines every N requests",
+        help="also check index == engines every N requests (0: only at the end)",
     )
     p_sim.add_argument(
         "--faults",
@@ -282,7 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
         "an engine restart and an AllBlocksCleared",
     )
     p_sim.add_argument("--json", action="store_true", help="print the results as JSON")
-    p_sim.add_argument("--png", default="simulate.png", help="chart path ('' for none)")
+    p_sim.add_argument(
+        "--png",
+        metavar="PATH",
+        help="also draw the results to this PNG (needs kvevents[plot]); default: none",
+    )
     p_sim.set_defaults(func=simulate)
     return parser
 

@@ -2,25 +2,43 @@
 
 A producer thread plays a scheduler: prompts that share a system prefix store chains of
 blocks, old blocks are evicted, and the cache is cleared once. The subscriber reads in the
-main thread with a small receive buffer and stalls once, so the PUB socket drops batches
-(a real gap that replay repairs); half-way the publisher is shut down and a new one starts
-on the same ports, so the seq restarts at 0 (a reset).
+main thread with small pipes and small kernel socket buffers, and stalls once while the
+producer publishes a burst, so the PUB socket drops batches (a real gap that replay
+repairs); half-way the publisher is shut down and a new one starts on the same ports, so the
+seq restarts at 0 (a reset). Runs of 4,000 batches or more show both in every run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from kvevents import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, Notice, Subscriber
+import zmq
+
+from kvevents import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+    Notice,
+    Subscriber,
+    stable_port,
+)
 
 BLOCK_SIZE = 16
 HWM = 200
+SOCKET_BUFFER = 16_384
+"""Kernel send and receive buffer of every demo socket, in bytes."""
+STALL_BURST = 3_000
+"""Batches published while the subscriber stalls: far more than its pipes (2 x HWM) and
+the small kernel buffers hold (a few hundred of these batches)."""
+STALL_MIN_BATCHES = 2_000
+"""An epoch this long or longer has a stall: a quarter of it, then the burst."""
 
 
 @dataclass
@@ -33,6 +51,15 @@ class _Totals:
     events: int = 0
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    joined: threading.Event = field(default_factory=threading.Event)
+    """The subscriber has its first batch: the producer stops pacing."""
+    stall_requested: threading.Event = field(default_factory=threading.Event)
+    stalled: threading.Event = field(default_factory=threading.Event)
+    """The subscriber stopped reading: the producer's burst now overflows the pipes."""
+    burst_done: threading.Event = field(default_factory=threading.Event)
+    stall_at: int = -1
+    """The seq the producer had reached when the subscriber stopped reading."""
+    burst: int = 0
 
 
 class SyntheticScheduler:
@@ -89,6 +116,7 @@ def _produce(
     totals: _Totals,
     ready: threading.Event,
     reset_seen: threading.Event,
+    context: zmq.Context,
 ) -> None:
     from importlib import import_module
 
@@ -104,19 +132,23 @@ def _produce(
                 hwm=HWM,
                 buffer_steps=max(batches, 1),
                 bind=True,
+                context=context,
             )
             if epoch == 0:
                 ready.set()
+            # The wire has no epoch and ZeroMQ connects late (the slow joiner): step at a
+            # scheduler's pace until the subscriber has the stream (epoch 0) or has seen the
+            # restart (epoch 1), then at full speed.
+            settled = totals.joined if epoch == 0 else reset_seen
+            stall_at = count // 4 if epoch == 0 and count >= STALL_MIN_BATCHES else -1
             with publisher:
                 for index in range(count):
-                    events = scheduler.step(index, clear_at=count // 2 if epoch == 1 else -1)
-                    publisher.publish(KVEventBatch(ts=time.time(), events=events))
-                    totals.published[epoch] += 1
-                    totals.events += len(events)
-                    if epoch == 1 and not reset_seen.is_set():
-                        # The wire has no epoch: a restart shows only as a live seq going
-                        # backwards, so step at a scheduler's pace until the subscriber saw one.
-                        time.sleep(0.002)
+                    if index == stall_at:
+                        _burst_while_stalled(publisher, scheduler, count - index, totals)
+                        break
+                    _publish(publisher, scheduler, index, count, epoch, totals)
+                    if not settled.is_set():
+                        settled.wait(0.002)
                     elif index % 64 == 0:
                         time.sleep(0)  # let the subscriber's thread run, as a scheduler step would
                 totals.finished[epoch] = True
@@ -127,7 +159,46 @@ def _produce(
         totals.error = exc
         ready.set()
     finally:
+        totals.burst_done.set()
         totals.done.set()
+
+
+def _publish(
+    publisher: Any,
+    scheduler: SyntheticScheduler,
+    index: int,
+    count: int,
+    epoch: int,
+    totals: _Totals,
+) -> None:
+    events = scheduler.step(index, clear_at=count // 2 if epoch == 1 else -1)
+    publisher.publish(KVEventBatch(ts=time.time(), events=events))
+    totals.published[epoch] += 1
+    totals.events += len(events)
+
+
+def _burst_while_stalled(
+    publisher: Any, scheduler: SyntheticScheduler, remaining: int, totals: _Totals
+) -> None:
+    """Ask the subscriber to stop reading, publish at full speed while it does (the PUB socket
+    drops what its pipe and the small kernel buffers cannot hold), then publish the rest of
+    the epoch as usual."""
+    totals.stall_requested.set()
+    totals.stalled.wait(10)
+    totals.stall_at = totals.published[0]
+    burst = min(STALL_BURST, remaining)
+    for index in range(totals.published[0], totals.published[0] + burst):
+        _publish(publisher, scheduler, index, 0, 0, totals)
+    totals.burst = burst
+    # Until the publisher thread has sent the burst, the PUB has dropped nothing yet.
+    deadline = time.monotonic() + 10
+    while publisher.counters()["queue_depth"] and time.monotonic() < deadline:
+        time.sleep(0.005)
+    totals.burst_done.set()
+    for index in range(totals.published[0], totals.published[0] + remaining - burst):
+        _publish(publisher, scheduler, index, 0, 0, totals)
+        if index % 64 == 0:
+            time.sleep(0)
 
 
 def run_demo(
@@ -146,13 +217,18 @@ def run_demo(
         if notice.kind == "reset":
             reset_seen.set()
         if not quiet:
-            print(f"  notice: {notice}", file=sys.stderr)
+            print(f"  notice: {live}: {notice}", file=sys.stderr)
 
     totals = _Totals()
     ready = threading.Event()
+    # Small kernel socket buffers: without them a stalled reader's TCP buffers absorb
+    # megabytes (about 10,000 of these batches), and the PUB socket would drop nothing.
+    context = zmq.Context()
+    context.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)
+    context.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
     producer = threading.Thread(
         target=_produce,
-        args=(dialect, live, replay, batches, totals, ready, reset_seen),
+        args=(dialect, live, replay, batches, totals, ready, reset_seen, context),
         daemon=True,
     )
     print(f"kvevents demo: {dialect} publisher on {live} (replay {replay}), {batches} batches")
@@ -163,66 +239,90 @@ def run_demo(
     started = time.monotonic()
     delivered = [0, 0]
     events = 0
-    stalled = False
     next_report = started + 1.0
-    with Subscriber(live, replay, on_notice=on_notice, rcvhwm=HWM) as sub:
-        deadline = started + 120
-        while time.monotonic() < deadline:
-            for delivery in sub.poll(0.2):
-                epoch = min(delivery.epoch, 1)
-                delivered[epoch] += 1
-                events += len(delivery.batch.events)
-            if not stalled and delivered[0] >= totals.published[0] // 4 > 0:
-                stalled = True
-                time.sleep(0.5)  # a slow consumer: PUB drops what does not fit the HWM
-            for epoch in (0, 1):
-                if totals.finished[epoch] and delivered[epoch] >= totals.published[epoch]:
-                    totals.caught_up[epoch].set()
-            if totals.done.is_set() and sum(delivered) >= sum(totals.published):
-                break
-            now = time.monotonic()
-            if not quiet and now >= next_report:
-                rate = sum(delivered) / (now - started)
-                print(
-                    f"  progress: {sum(delivered)}/{batches} batches delivered, {rate:,.0f} batches/s"
-                )
-                next_report = now + 1.0
-        elapsed = time.monotonic() - started
-        stats = dict(sub.stats)
-    producer.join(5)
+    try:
+        with Subscriber(live, replay, on_notice=on_notice, rcvhwm=HWM, context=context) as sub:
+            deadline = started + 120
+            while time.monotonic() < deadline:
+                for delivery in sub.poll(0.2):
+                    epoch = min(delivery.epoch, 1)
+                    delivered[epoch] += 1
+                    events += len(delivery.batch.events)
+                if delivered[0]:
+                    totals.joined.set()
+                if totals.stall_requested.is_set() and not totals.stalled.is_set():
+                    # A slow consumer: nothing is read while the producer's burst goes out.
+                    totals.stalled.set()
+                    totals.burst_done.wait(30)
+                    time.sleep(0.2)  # let the I/O threads fill the pipes and drop the rest
+                for epoch in (0, 1):
+                    if totals.finished[epoch] and delivered[epoch] >= totals.published[epoch]:
+                        totals.caught_up[epoch].set()
+                if totals.done.is_set() and sum(delivered) >= sum(totals.published):
+                    break
+                now = time.monotonic()
+                if not quiet and now >= next_report:
+                    rate = sum(delivered) / (now - started)
+                    print(
+                        f"  progress: {sum(delivered)}/{batches} batches delivered, "
+                        f"{rate:,.0f} batches/s"
+                    )
+                    next_report = now + 1.0
+            elapsed = time.monotonic() - started
+            stats = dict(sub.stats)
+    finally:
+        totals.caught_up[0].set()
+        totals.caught_up[1].set()
+        producer.join(5)
+        context.destroy(linger=0)
     if totals.error is not None:
         raise totals.error
     lost = sum(totals.published) - sum(delivered)
-    gaps = sum(1 for n in notices if n.kind == "gap")
     print()
     print("kvevents demo summary")
     print(f"  dialect            {dialect}")
     print(
-        f"  batches published  {sum(totals.published)} ({totals.published[0]} + {totals.published[1]} after the restart)"
+        f"  batches published  {sum(totals.published)} "
+        f"({totals.published[0]} + {totals.published[1]} after the restart)"
     )
     print(f"  batches delivered  {sum(delivered)}, in order, each seq once")
     print(f"  events             {totals.events} published, {events} delivered")
-    print(
-        f"  gaps repaired      {stats['repaired']} ({gaps} live gaps, {stats['replayed']} batches replayed)"
-    )
-    print(f"  resets             {stats['resets']} (publisher restart detected)")
+    print(f"  live gaps          {_describe_gaps(stats, totals)}")
+    resets = stats["resets"]
+    restart = "publisher restart detected" if resets else "no restart: too few batches"
+    print(f"  resets             {resets} ({restart})")
     print(f"  history lost       {stats['history_lost']}")
     print(
-        f"  throughput         {sum(delivered) / max(elapsed, 1e-9):,.0f} batches/s over {elapsed:.2f} s"
+        f"  throughput         {sum(delivered) / max(elapsed, 1e-9):,.0f} batches/s "
+        f"over {elapsed:.2f} s"
     )
     print(f"  lost = {lost}")
     return 0 if lost == 0 and stats["history_lost"] == 0 else 1
 
 
+def _describe_gaps(stats: dict[str, int], totals: _Totals) -> str:
+    """The gaps the subscriber saw (the PUB socket drops whatever a slower or stalled reader's
+    pipes cannot hold) and the stall that guarantees one."""
+    if stats["gaps"]:
+        told = (
+            f"{stats['gaps']}, {stats['repaired']} repaired by replay "
+            f"({stats['replayed']} batches replayed)"
+        )
+    else:
+        told = "0"
+    if totals.stall_at < 0:
+        return f"{told}; no stall: it comes in runs of {2 * STALL_MIN_BATCHES} batches or more"
+    return (
+        f"{told}; the subscriber stalled at seq {totals.stall_at} for a {totals.burst}-batch "
+        "burst, and the PUB socket dropped what its pipes could not hold"
+    )
+
+
 def _free_endpoints() -> tuple[str, str]:
-    """Two free loopback ports, found by binding port 0 and closing (the publisher rebinds them;
-    both probes stay open until both are found, so the two differ)."""
-    probes = [socket.socket() for _ in range(2)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        ports = [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-    return f"tcp://127.0.0.1:{ports[0]}", f"tcp://127.0.0.1:{ports[1]}"
+    """Two free loopback ports below the ephemeral range, so the restarted publisher can bind
+    them again (kvevents.stable_port)."""
+    live = stable_port()
+    replay = stable_port()
+    while replay == live:
+        replay = stable_port()
+    return f"tcp://127.0.0.1:{live}", f"tcp://127.0.0.1:{replay}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -22,6 +23,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from kvevents import EndpointError, check_endpoint
 from kvevents.index import LiveIndex, Match
 
 logger = logging.getLogger("kvevents.index")
@@ -455,6 +457,10 @@ def parse_workers(text: str) -> list[tuple[int, int, str]]:
             out.append((int(worker), int(rank or 0), endpoint))
         except ValueError:
             raise ValueError(f"worker entry {entry!r}: id and dp_rank must be integers") from None
+        try:
+            check_endpoint(endpoint)
+        except EndpointError as exc:
+            raise ValueError(f"worker entry {entry!r}: {exc}") from None
     return out
 
 
@@ -473,13 +479,26 @@ def serve(
     except ImportError:
         print("kvevents index needs its extra: pip install 'kvevents[index]'", file=sys.stderr)
         return 2
+    # Bound here, before anything claims to serve: a busy port is one line, not a traceback
+    # from inside the server.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        listener = socket.create_server((host, port), family=family)
+    except OSError as exc:
+        print(f"kvevents index: error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 2
     app = IndexService(block_size, model_name, routing_group, workers, replay)
-    config = uvicorn.Config(
-        app, host=host, port=port, lifespan="on", access_log=False, log_level="warning"
-    )
+    config = uvicorn.Config(app, lifespan="on", access_log=False, log_level="warning")
     server = uvicorn.Server(config)
+    bound = listener.getsockname()[1]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(
-        f"kvevents index: serving on http://{host}:{port} ({len(workers)} workers)", file=sys.stderr
+        f"kvevents index: serving on http://{shown}:{bound} ({len(workers)} workers)",
+        file=sys.stderr,
+        flush=True,
     )
-    server.run()
-    return 0
+    try:
+        server.run(sockets=[listener])
+    finally:
+        listener.close()
+    return 0 if server.started else 1  # not started: the lifespan startup failed and said why

@@ -56,21 +56,44 @@ class Request:
 # -- workloads ------------------------------------------------------------------------
 
 
+class TraceError(ValueError):
+    """A trace file that is not in the Mooncake FAST'25 format; names the file and line."""
+
+
 def mooncake(path: Path, limit: int | None = None) -> Iterator[Request]:
     """A Mooncake trace, each hash id expanded to 512 deterministic token ids (id·512 + i, so
-    requests sharing ids share exactly those tokens), cut to `input_length`."""
-    with path.open(encoding="utf-8") as lines:
+    requests sharing ids share exactly those tokens), cut to `input_length`. A line that is
+    not such a row raises TraceError."""
+    with path.open(encoding="utf-8", errors="replace") as lines:
         for number, line in enumerate(lines):
             if limit is not None and number >= limit:
                 return
-            row = json.loads(line)
-            tokens: list[int] = []
-            for hash_id in row["hash_ids"]:
-                base = hash_id * TRACE_BLOCK + 1
-                tokens.extend(range(base, base + TRACE_BLOCK))
-            yield Request(
-                number, float(row["timestamp"]), tokens[: row["input_length"]], row["output_length"]
-            )
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                tokens: list[int] = []
+                for hash_id in row["hash_ids"]:
+                    base = int(hash_id) * TRACE_BLOCK + 1
+                    tokens.extend(range(base, base + TRACE_BLOCK))
+                request = Request(
+                    number,
+                    float(row["timestamp"]),
+                    tokens[: int(row["input_length"])],
+                    int(row["output_length"]),
+                )
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                reason = f"no {exc}" if isinstance(exc, KeyError) else str(exc).split("\n")[0]
+                raise TraceError(
+                    f"{path}:{number + 1}: not a Mooncake trace row (JSON with timestamp, "
+                    f"input_length, output_length, hash_ids): {reason}"
+                ) from None
+            if request.output_tokens < 1 or request.arrival_ms < 0:
+                raise TraceError(
+                    f"{path}:{number + 1}: output_length must be at least 1 and timestamp "
+                    "not negative"
+                )
+            yield request
 
 
 def synthetic(
@@ -128,6 +151,8 @@ class Stats:
     prefill_tokens: int = 0
     ttft_ms: list[float] = field(default_factory=list)
     completed: int = 0
+    uncached: int = 0
+    """Requests larger than a whole engine's cache: prefilled without caching anything."""
     end_ms: float = 0.0
 
 
@@ -152,6 +177,9 @@ class Simulation:
     def __init__(self, policy: str, requests: list[Request], options: Options) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")
+        for name in ("workers", "block_size", "capacity_blocks"):
+            if getattr(options, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
         self.policy = policy
         self.requests = requests
         self.options = options
@@ -195,6 +223,7 @@ class Simulation:
         return {
             "policy": self.policy,
             "requests": s.completed,
+            "uncached_requests": s.uncached,
             "prefix_hit_rate": s.cached_tokens / s.input_tokens if s.input_tokens else 0.0,
             "prefill_tokens": s.prefill_tokens,
             "ttft_mean_ms": statistics.fmean(ttft) if ttft else None,
@@ -285,15 +314,18 @@ class Simulation:
             allocation = engine.admit(request.tokens, hashes=hashes)
             if allocation is None:
                 if not worker.running and not admitted:
-                    worker.waiting.popleft()  # larger than the whole cache: served uncached
+                    # Larger than the whole cache: prefilled alone, caching nothing, in a
+                    # step of its own (the worker is busy for that long).
+                    worker.waiting.popleft()
                     s.input_tokens += len(request.tokens)
                     s.prefill_tokens += len(request.tokens)
-                    prefill += len(request.tokens)
-                    s.ttft_ms.append(
-                        now + timing.prefill_ms(len(request.tokens)) - request.arrival_ms
-                    )
+                    length = timing.prefill_ms(len(request.tokens))
+                    s.ttft_ms.append(now + length - request.arrival_ms)
                     s.completed += 1
-                    continue
+                    s.uncached += 1
+                    s.end_ms = max(s.end_ms, now + length)
+                    engine.step(now / 1000)
+                    return length
                 break
             worker.waiting.popleft()
             cached_tokens = allocation.cached * o.block_size
@@ -471,7 +503,7 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['policy']} | {r['prefix_hit_rate']:.3f} | {r['prefill_tokens']:,} | "
             f"{_ms(r['ttft_mean_ms'])} | {_ms(r['ttft_p50_ms'])} | {_ms(r['ttft_p99_ms'])} | "
-            f"{r['requests_per_s']:.2f} | {r['mismatches']} | "
+            f"{_rate(r['requests_per_s'])} | {r['mismatches']} | "
             f"{', '.join(map(str, r['stale_workers'])) or 'none'} |"
         )
     return "\n".join(lines)
@@ -481,15 +513,24 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.0f}"
 
 
-def chart(results: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Bars per policy: prefix hit rate and TTFT mean / p99. False without matplotlib."""
-    try:
-        import matplotlib
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+
+def can_chart() -> bool:
+    """Whether matplotlib (the `plot` extra) is installed."""
+    from importlib.util import find_spec
+
+    return find_spec("matplotlib") is not None
+
+
+def chart(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Bars per policy: prefix hit rate and TTFT mean / p99 (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     names = [r["policy"] for r in results]
     fig, (hit, ttft) = plt.subplots(1, 2, figsize=(10, 3.8))
     hit.bar(names, [r["prefix_hit_rate"] for r in results], color="#1565c0")
@@ -508,4 +549,3 @@ def chart(results: list[dict[str, Any]], path: Path, title: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True

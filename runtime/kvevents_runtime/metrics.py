@@ -15,7 +15,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-_GAUGES = frozenset({"queue_depth", "next_seq"})
+_GAUGES = frozenset({"queue_depth", "next_seq", "live_blocks"})
+"""What can go down; every other counter of a publisher only grows."""
 
 
 class SubscriberCollector(Collector):
@@ -59,7 +60,8 @@ class SubscriberCollector(Collector):
 
 class PublisherCollector(Collector):
     """`kvevents_publisher_<counter>` for every entry of `publisher.counters()`: counters as
-    `_total`, the queue depth and next seq as gauges; labelled with the PUB endpoint."""
+    `_total`; the queue depth, next seq and live blocks (with snapshots) as gauges; labelled
+    with the PUB endpoint."""
 
     def __init__(self, publisher: Any, prefix: str = "kvevents_publisher") -> None:
         self._publisher = publisher

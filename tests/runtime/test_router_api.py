@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -40,6 +41,38 @@ def test_prometheus_metrics_read_the_live_counters(publishers) -> None:
     assert "kvevents_subscriber_source_info_supported{" in text
     assert f'kvevents_publisher_published_total{{endpoint="{publisher.endpoint}"}} 5.0' in text
     assert f'kvevents_publisher_next_seq{{endpoint="{publisher.endpoint}"}} 5.0' in text
+    assert "# TYPE kvevents_publisher_next_seq gauge" in text
+    assert re.search(r"^# TYPE kvevents_publisher_published(_total)? counter$", text, re.M)
+    assert "live_blocks" not in text, "a publisher without snapshots keeps no block set"
+    samples = [line for line in text.splitlines() if not line.startswith("#")]
+    values = [float(line.rsplit(" ", 1)[1]) for line in samples if "_total" in line]
+    assert values and min(values) >= 0, "a counter below zero"
+
+
+def test_a_publisher_with_snapshots_reports_its_live_blocks_as_a_gauge(publishers) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client", reason="the metrics extra")
+    publisher = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, snapshots=True)
+    publishers.append(publisher)
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(kvevents.PublisherCollector(publisher))
+    stored = vllm.BlockStored(
+        block_hashes=[1, 2],
+        parent_block_hash=None,
+        token_ids=list(range(32)),
+        block_size=16,
+        lora_id=None,
+        medium="GPU",
+        lora_name=None,
+    )
+    publisher.publish(vllm.KVEventBatch(ts=0.0, events=[stored]))
+    removed = vllm.BlockRemoved(block_hashes=[1], medium="GPU")
+    publisher.publish(vllm.KVEventBatch(ts=1.0, events=[removed]))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and publisher.counters()["published"] < 2:
+        time.sleep(0.01)
+    text = prometheus_client.generate_latest(registry).decode()
+    assert "# TYPE kvevents_publisher_live_blocks gauge" in text
+    assert f'kvevents_publisher_live_blocks{{endpoint="{publisher.endpoint}"}} 1.0' in text
 
 
 def test_the_asyncio_subscriber_keeps_the_contract(publishers) -> None:

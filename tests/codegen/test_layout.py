@@ -173,7 +173,8 @@ def test_the_config_model_is_the_derived_schema(dialect: str) -> None:
 
     model = importlib.import_module(f"kvevents.{dialect}").KVEventsConfig
     derived = json.loads((ROOT / DERIVED / f"config.{dialect}.schema.json").read_text())
-    fields = model.__pydantic_fields__  # a BaseModel's and a pydantic dataclass's alike
+    # A BaseModel's fields (pydantic >= 2.5) or a pydantic dataclass's.
+    fields = getattr(model, "model_fields", None) or model.__pydantic_fields__
     assert list(fields) == list(derived["properties"])
     for name, prop in derived["properties"].items():
         assert fields[name].default == prop["default"], name

@@ -102,21 +102,24 @@ def chained_hashes(
     return out
 
 
+REBIND_SECONDS = 2.0
+
+
 def _rebind(make: Callable[[str, str | None], Any], endpoint: str, replay: str | None) -> Any:
     """A new publisher on the old ports: libzmq releases a closed listener on its own thread,
-    so the first bind may find the port still taken for a moment."""
+    so the first bind may find the port still taken for a moment (REBIND_SECONDS at most)."""
     import time
 
     import zmq
 
-    for _ in range(100):
+    deadline = time.monotonic() + REBIND_SECONDS
+    while True:
         try:
             return make(endpoint, replay)
         except zmq.ZMQError as exc:
-            if exc.errno != zmq.EADDRINUSE:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
                 raise
             time.sleep(0.02)
-    return make(endpoint, replay)
 
 
 class MockEngine:

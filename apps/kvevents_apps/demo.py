@@ -141,12 +141,13 @@ def _produce(
             # restart (epoch 1), then at full speed.
             settled = totals.joined if epoch == 0 else reset_seen
             stall_at = count // 4 if epoch == 0 and count >= STALL_MIN_BATCHES else -1
+            clear_at = count // 2 if epoch == 1 else -1
             with publisher:
                 for index in range(count):
                     if index == stall_at:
                         _burst_while_stalled(publisher, scheduler, count - index, totals)
                         break
-                    _publish(publisher, scheduler, index, count, epoch, totals)
+                    _publish(publisher, scheduler, index, clear_at, epoch, totals)
                     if not settled.is_set():
                         settled.wait(0.002)
                     elif index % 64 == 0:
@@ -167,11 +168,11 @@ def _publish(
     publisher: Any,
     scheduler: SyntheticScheduler,
     index: int,
-    count: int,
+    clear_at: int,
     epoch: int,
     totals: _Totals,
 ) -> None:
-    events = scheduler.step(index, clear_at=count // 2 if epoch == 1 else -1)
+    events = scheduler.step(index, clear_at)
     publisher.publish(KVEventBatch(ts=time.time(), events=events))
     totals.published[epoch] += 1
     totals.events += len(events)
@@ -188,7 +189,7 @@ def _burst_while_stalled(
     totals.stall_at = totals.published[0]
     burst = min(STALL_BURST, remaining)
     for index in range(totals.published[0], totals.published[0] + burst):
-        _publish(publisher, scheduler, index, 0, 0, totals)
+        _publish(publisher, scheduler, index, -1, 0, totals)
     totals.burst = burst
     # Until the publisher thread has sent the burst, the PUB has dropped nothing yet.
     deadline = time.monotonic() + 10
@@ -196,7 +197,7 @@ def _burst_while_stalled(
         time.sleep(0.005)
     totals.burst_done.set()
     for index in range(totals.published[0], totals.published[0] + remaining - burst):
-        _publish(publisher, scheduler, index, 0, 0, totals)
+        _publish(publisher, scheduler, index, -1, 0, totals)
         if index % 64 == 0:
             time.sleep(0)
 

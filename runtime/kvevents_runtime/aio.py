@@ -5,8 +5,9 @@ loop awaits its polls. Nothing of the stream logic is written twice."""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .subscriber import Delivery, Source, Subscriber
@@ -22,18 +23,53 @@ class AsyncSubscriber:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvevents-subscriber")
         self._sub = self._executor.submit(self.core, *args, **kwargs).result()
+        self._unread: deque[Delivery] = deque()
+        """Deliveries an `async for` polled but never handed out (it broke, raised or was
+        cancelled): the next poll or loop returns them first."""
+        self._polling: Future[list[Delivery]] | None = None
+        """A poll whose awaiting task was cancelled: it still runs on the worker thread, and
+        its deliveries go to the next poll instead of nowhere."""
 
     async def _run(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def poll(self, timeout: float | None = 1.0, max_messages: int = 32) -> list[Delivery]:
-        """As `Subscriber.poll`, awaited."""
-        return await self._run(self._sub.poll, timeout, max_messages)  # type: ignore[no-any-return]
+        """As `Subscriber.poll`, awaited. Cancelling the awaiting task loses nothing: the poll
+        finishes on the worker thread and the next call returns what it got."""
+        if self._unread:
+            unread = list(self._unread)
+            self._unread.clear()
+            return unread
+        polling = self._polling
+        if polling is None:
+            polling = self._polling = self._executor.submit(self._sub.poll, timeout, max_messages)
+        try:
+            # shield: a cancelled caller must not cancel the poll that may already hold data.
+            deliveries = await asyncio.shield(asyncio.wrap_future(polling))
+        except asyncio.CancelledError:
+            if polling.cancelled():  # cancelled before it ran: nothing was read
+                self._polling = None
+            raise
+        except BaseException:
+            self._polling = None
+            raise
+        self._polling = None
+        return deliveries
 
     async def __aiter__(self) -> AsyncIterator[Delivery]:
+        """Deliveries one at a time until closed (also by `close()` from another task). A
+        loop that stops leaves what it was not handed for the next poll or loop."""
+        unread = self._unread
         while not self.closed:
-            for delivery in await self.poll(0.2):
-                yield delivery
+            if not unread:
+                try:
+                    unread.extend(await self.poll(0.2))
+                except RuntimeError:
+                    if self.closed:
+                        return  # closed by another task while this one waited
+                    raise
+            while unread:
+                yield unread.popleft()
 
     async def add_source(self, endpoint: str, replay_endpoint: str | None = None) -> Source:
         return await self._run(self._sub.add_source, endpoint, replay_endpoint)  # type: ignore[no-any-return]

@@ -1,0 +1,147 @@
+"""Iteration loses nothing: a loop over the subscriber that stops (break, an exception, a
+cancelled task) leaves what it was not handed for the next loop or poll, and close() from
+another task ends an `async for` quietly. Real publishers and sockets on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import kvevents
+from kvevents import vllm
+
+LOOPBACK = "tcp://127.0.0.1:0"
+TOTAL = 300
+
+
+def _batch(n: int) -> vllm.KVEventBatch:
+    return vllm.KVEventBatch(ts=float(n), events=[vllm.BlockRemoved(block_hashes=[n], medium=None)])
+
+
+def _publisher(publishers) -> vllm.ZmqEventPublisher:
+    publisher = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK)
+    publishers.append(publisher)
+    for n in range(TOTAL):
+        publisher.publish(_batch(n))
+    return publisher
+
+
+def _assert_whole(got: list, stats: dict[str, int]) -> None:
+    assert [d.seq for d in got] == list(range(TOTAL)), "a delivery vanished or came twice"
+    assert [d.batch.ts for d in got] == [float(n) for n in range(TOTAL)]
+    assert stats["history_lost"] == 0
+
+
+def test_breaking_out_of_a_loop_loses_nothing(publishers) -> None:
+    publisher = _publisher(publishers)
+    got: list = []
+    with kvevents.Subscriber(publisher.connect_endpoint, publisher.connect_replay_endpoint) as sub:
+        deadline = time.monotonic() + 20
+        while len(got) < TOTAL and time.monotonic() < deadline:
+            for delivery in sub:
+                got.append(delivery)
+                if len(got) % 7 == 0 or len(got) == TOTAL:
+                    break  # far fewer than one poll's 32
+        stats = dict(sub.stats)
+    _assert_whole(got, stats)
+
+
+def test_an_exception_in_the_loop_body_loses_nothing_and_poll_returns_the_rest(
+    publishers,
+) -> None:
+    publisher = _publisher(publishers)
+    got: list = []
+    with kvevents.Subscriber(publisher.connect_endpoint, publisher.connect_replay_endpoint) as sub:
+        deadline = time.monotonic() + 20
+        while len(got) < TOTAL and time.monotonic() < deadline:
+            try:
+                for delivery in sub:
+                    got.append(delivery)
+                    if len(got) % 5 == 0:
+                        raise ValueError("the consumer's own bug")
+            except ValueError:
+                got += sub.poll(0)  # what the loop was not handed comes first
+        stats = dict(sub.stats)
+    _assert_whole(got, stats)
+
+
+def test_a_cancelled_async_for_loses_nothing(publishers) -> None:
+    """Tasks reading with `async for` are cancelled at random moments, most of them while
+    awaiting a poll on the worker thread: its deliveries go to the next reader."""
+    publisher = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK)
+    publishers.append(publisher)
+    rng = random.Random(7)
+
+    async def main() -> tuple[list, dict[str, int]]:
+        got: list = []
+        async with kvevents.aio.Subscriber(
+            publisher.connect_endpoint, publisher.connect_replay_endpoint
+        ) as sub:
+
+            async def read() -> None:
+                async for delivery in sub:
+                    got.append(delivery)
+
+            published = 0
+            deadline = time.monotonic() + 30
+            while len(got) < TOTAL and time.monotonic() < deadline:
+                for _ in range(min(10, TOTAL - published)):
+                    publisher.publish(_batch(published))
+                    published += 1
+                reader = asyncio.create_task(read())
+                await asyncio.sleep(rng.uniform(0, 0.01))
+                reader.cancel()
+                try:
+                    await reader
+                except asyncio.CancelledError:
+                    pass
+            stats = sub.stats
+        return got, stats
+
+    got, stats = asyncio.run(main())
+    _assert_whole(got, stats)
+
+
+def test_breaking_out_of_an_async_for_loses_nothing(publishers) -> None:
+    publisher = _publisher(publishers)
+
+    async def main() -> tuple[list, dict[str, int]]:
+        got: list = []
+        async with kvevents.aio.Subscriber(
+            publisher.connect_endpoint, publisher.connect_replay_endpoint
+        ) as sub:
+            deadline = time.monotonic() + 20
+            while len(got) < TOTAL and time.monotonic() < deadline:
+                async for delivery in sub:
+                    got.append(delivery)
+                    if len(got) % 7 == 0 or len(got) == TOTAL:
+                        break
+            stats = sub.stats
+        return got, stats
+
+    got, stats = asyncio.run(main())
+    _assert_whole(got, stats)
+
+
+def test_close_from_another_task_ends_an_async_for_quietly(publishers) -> None:
+    publisher = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK)
+    publishers.append(publisher)
+
+    async def one_round(delay: float) -> None:
+        sub = kvevents.aio.Subscriber(publisher.connect_endpoint, publisher.connect_replay_endpoint)
+
+        async def read() -> None:
+            async for _ in sub:
+                pass
+
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(delay)
+        await sub.close()
+        await asyncio.wait_for(reader, 10)  # raised RuntimeError: Subscriber is closed
+
+    async def main() -> None:
+        for delay in [0.0, 0.001, 0.01, 0.05, 0.2] * 2:
+            await one_round(delay)
+
+    asyncio.run(main())

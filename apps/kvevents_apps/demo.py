@@ -185,7 +185,7 @@ def _burst_while_stalled(
     drops what its pipe and the small kernel buffers cannot hold), then publish the rest of
     the epoch as usual."""
     totals.stall_requested.set()
-    totals.stalled.wait(10)
+    totals.stalled.wait(30)
     totals.stall_at = totals.published[0]
     burst = min(STALL_BURST, remaining)
     for index in range(totals.published[0], totals.published[0] + burst):
@@ -251,8 +251,18 @@ def run_demo(
                     events += len(delivery.batch.events)
                 if delivered[0]:
                     totals.joined.set()
-                if totals.stall_requested.is_set() and not totals.stalled.is_set():
-                    # A slow consumer: nothing is read while the producer's burst goes out.
+                if (
+                    totals.stall_requested.is_set()
+                    and not totals.stalled.is_set()
+                    and delivered[0] >= totals.published[0]
+                ):
+                    # Caught up, and the producer waits: once a quiet poll has let any
+                    # replay session end, the subscriber is live, so what the PUB drops
+                    # next is a live gap. Then a slow consumer: nothing is read during the
+                    # producer's burst.
+                    for delivery in sub.poll(0.1):
+                        delivered[min(delivery.epoch, 1)] += 1
+                        events += len(delivery.batch.events)
                     totals.stalled.set()
                     totals.burst_done.wait(30)
                     time.sleep(0.2)  # let the I/O threads fill the pipes and drop the rest

@@ -104,16 +104,18 @@ def wheel(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def contract(session: nox.Session) -> None:
     """The delivery contract over 100,000 randomized fault schedules per publisher kind (the
-    test suite runs 10,000); `nox -s contract -- N` sets the number."""
+    test suite runs 10,000), and the prefix index against its reference model over 20,000
+    sequences (the suite runs 1,000); `nox -s contract -- N` sets the contract's number."""
     session.install(*TEST)
     examples = session.posargs[0] if session.posargs else "100000"
     session.run(
         "pytest",
         "tests/runtime/test_contract.py",
+        "tests/index/test_prefix_index.py",
         "-q",
         "--timeout",
         "3600",
-        env={"KVEVENTS_CONTRACT_EXAMPLES": examples},
+        env={"KVEVENTS_CONTRACT_EXAMPLES": examples, "KVEVENTS_INDEX_EXAMPLES": "20000"},
     )
 
 

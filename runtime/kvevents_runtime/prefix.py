@@ -236,7 +236,7 @@ class PrefixIndex:
             self.mark_stale(worker, "a stored event has fewer tokens than blocks")
             return
         tier = self._tier(event.medium)
-        other = tier != GPU
+        not_gpu = tier != GPU
         for block_hash, key in zip(hashes, keys, strict=False):
             children = node.children
             if children is None:
@@ -245,25 +245,29 @@ class PrefixIndex:
             if child is None:
                 child = children[key] = Node(node, key)
             old = blocks.get(block_hash)
-            if old is not child:
-                if old is not None:
-                    self._drop(worker, old, old.mask(worker))  # the id moved elsewhere
-                if worker in child.workers:
-                    # The worker holds this block under another id: the engine renamed it;
-                    # the old id is forgotten (rare, so a scan is fine).
-                    for other, node_of in blocks.items():
-                        if node_of is child and other != block_hash:
-                            del blocks[other]
-                            break
+            moved = old is not None and old is not child
+            if old is not child and worker in child.workers:
+                # The worker holds this block under another id: the engine renamed it;
+                # the old id is forgotten (rare, so a scan is fine).
+                for alias, node_of in blocks.items():
+                    if node_of is child and alias != block_hash:
+                        del blocks[alias]
+                        break
             if worker not in child.workers and tier == GPU:
                 child.workers.add(worker)  # the common case, without the tier bookkeeping
             else:
                 mask = child.mask(worker)
                 if not mask & tier:
                     child.set_mask(worker, mask | tier)
-                    if other:
+                    if not_gpu:
                         self._other_tiers += 1
             blocks[block_hash] = child
+            if moved:
+                # The id moved here from elsewhere. Dropped only now that the worker holds
+                # `child`: pruning the old place's branch could otherwise take `child` (an
+                # ancestor of the old place nobody held) out of the tree with it.
+                assert old is not None
+                self._drop(worker, old, old.mask(worker))
             node = child
         counters["blocks_stored"] += len(hashes)
 

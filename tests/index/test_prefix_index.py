@@ -12,6 +12,7 @@ many workers sharing prefixes, and compares every answer.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from hypothesis import HealthCheck, settings
@@ -74,13 +75,20 @@ class Reference:
                 del paths[path], names[h]
 
     def match(self, keys: list[int]) -> dict[Any, int]:
+        return {w: blocks for w, (blocks, _, _) in self.match_tiers(keys).items()}
+
+    def match_tiers(self, keys: list[int]) -> dict[Any, tuple[int, int, int]]:
+        """Per worker: leading blocks held, and of those the leading ones held in GPU, and in
+        GPU or CPU (the answers are cumulative)."""
         out = {}
         for w, held in self.paths.items():
-            depth = 0
-            while depth < len(keys) and tuple(keys[: depth + 1]) in held:
-                depth += 1
-            if depth:
-                out[w] = depth
+            tiers = []
+            while len(tiers) < len(keys) and tuple(keys[: len(tiers) + 1]) in held:
+                tiers.append(held[tuple(keys[: len(tiers) + 1])])
+            if tiers:
+                gpu = next((i for i, t in enumerate(tiers) if GPU not in t), len(tiers))
+                cpu = next((i for i, t in enumerate(tiers) if not t & {GPU, CPU}), len(tiers))
+                out[w] = (len(tiers), gpu, cpu)
         return out
 
 
@@ -89,26 +97,43 @@ class IndexMachine(RuleBasedStateMachine):
         super().__init__()
         self.index = PrefixIndex(BS)
         self.model = Reference()
-        self.next_hash = 100
+        self.next_hash: dict[Any, int] = {}
+        """Engine ids per worker, from 0 (an id that reads as false)."""
         self.stored: list[tuple[Any, int]] = []
         self.paths: list[list[int]] = []
         """Token sequences stored (flattened), to query with."""
+        self.from_root: list[tuple[list, Any]] = []
+        """(blocks, lora) of stores from the root: stored again, they rename, move and
+        re-tier blocks a worker holds, as an engine re-storing a prompt does."""
 
-    def _hash(self) -> int:
-        self.next_hash += 1
-        return self.next_hash
+    def _hash(self, w: Any) -> int:
+        self.next_hash[w] = self.next_hash.get(w, -1) + 1
+        return self.next_hash[w]
 
     @rule(
         w=st.sampled_from(WORKERS),
         blocks=BLOCKS,
-        parent_kind=st.sampled_from(["root", "known", "known", "unknown"]),
+        parent_kind=st.sampled_from(["root", "known", "known", "unknown", "again"]),
         reuse=st.booleans(),
+        reuse_at=st.integers(0, 3),
         medium=st.sampled_from([None, "GPU", "CPU"]),
         lora=st.sampled_from([None, "", "adapter"]),
         pick=st.integers(0, 10_000),
+        which=st.integers(0, 10_000),
+        reused=st.integers(0, 3),
     )
     def store(
-        self, w: Any, blocks: list, parent_kind: str, reuse: bool, medium: Any, lora: Any, pick: int
+        self,
+        w: Any,
+        blocks: list,
+        parent_kind: str,
+        reuse: bool,
+        reuse_at: int,
+        medium: Any,
+        lora: Any,
+        pick: int,
+        which: int,
+        reused: int,
     ) -> None:
         mine = [h for ww, h in self.stored if ww == w]
         parent: Any = None
@@ -116,9 +141,18 @@ class IndexMachine(RuleBasedStateMachine):
             parent = mine[pick % len(mine)]
         elif parent_kind == "unknown":
             parent = 10**9 + pick
-        hashes = [self._hash() for _ in blocks]
+        elif parent_kind == "again" and self.from_root:
+            again, lora = self.from_root[which % len(self.from_root)]
+            blocks = again[: 1 + pick % len(again)]
+        if parent is None and parent_kind != "again":
+            self.from_root.append((blocks, lora))
+        hashes = [self._hash(w) for _ in blocks]
         if reuse and mine:
-            hashes[0] = mine[pick % len(mine)]  # an engine hash stored again, maybe elsewhere
+            # An engine id stored again, maybe elsewhere (a move: onto an ancestor of its old
+            # block too), maybe where the worker holds another id (a rename). Recent ids
+            # mostly, as an engine's are.
+            recent = mine[-4:]
+            hashes[reuse_at % len(hashes)] = recent[reused % len(recent)]
         tokens = [t for block in blocks for t in block]
         keys = local_block_hashes(tokens, BS, lora)
         event = BlockStored(
@@ -142,6 +176,8 @@ class IndexMachine(RuleBasedStateMachine):
     )
     def remove(self, w: Any, picks: list[int], unknown: bool, medium: Any) -> None:
         mine = [h for ww, h in self.stored if ww == w]
+        if picks[0] % 2:
+            mine = mine[-6:]  # mostly what was stored lately, as an engine evicts
         hashes = [mine[p % len(mine)] for p in picks] if mine else []
         if unknown or not hashes:
             hashes.append(10**9 + picks[0])
@@ -171,7 +207,7 @@ class IndexMachine(RuleBasedStateMachine):
     def partial_blocks_are_ignored(self, w: Any, blocks: list) -> None:
         tokens = [t for block in blocks for t in block]
         event = BlockStored(
-            block_hashes=[self._hash()], parent_block_hash=None, token_ids=tokens[:1], block_size=1
+            block_hashes=[self._hash(w)], parent_block_hash=None, token_ids=tokens[:1], block_size=1
         )
         before = self.index.counters["partial_blocks"]
         self.index.apply(w, KVEventBatch(ts=0.0, events=[event]))
@@ -184,8 +220,11 @@ class IndexMachine(RuleBasedStateMachine):
         tokens = tokens[: max(0, len(tokens) - cut * BS)] + [t for b in extra for t in b]
         for lora in (None, "adapter"):
             keys = local_block_hashes(tokens, BS, lora)
-            got = {w: m.blocks for w, m in self.index.match(keys).items() if m.blocks}
+            matched = self.index.match(keys)
+            got = {w: m.blocks for w, m in matched.items() if m.blocks}
             assert got == self.model.match(keys), (tokens, lora)
+            tiers = {w: (m.blocks, m.gpu, m.cpu) for w, m in matched.items() if m.blocks}
+            assert tiers == self.model.match_tiers(keys), (tokens, lora)
             answer = self.index.query(tokens, lora_name=lora)
             assert {w: m.blocks for w, m in answer.items() if m.blocks} == got
 
@@ -204,6 +243,28 @@ class IndexMachine(RuleBasedStateMachine):
                     assert m.gpu == m.blocks
 
     @invariant()
+    def the_tier_counter_counts_every_entry_outside_gpu(self) -> None:
+        """Answers walk tiers only while this counter is above 0: too low answers CPU-only
+        blocks as GPU."""
+        outside = 0
+        stack = list((self.index.root.children or {}).values())
+        while stack:
+            node = stack.pop()
+            for w in node.workers:
+                outside += bin(node.mask(w) & ~GPU).count("1")
+            stack.extend((node.children or {}).values())
+        assert self.index._other_tiers == outside
+
+    @invariant()
+    def every_held_block_is_in_the_tree(self) -> None:
+        for blocks in self.index.lookup.values():
+            for node in blocks.values():
+                while node.parent is not None:
+                    assert (node.parent.children or {}).get(node.key) is node, "detached"
+                    node = node.parent
+                assert node is self.index.root
+
+    @invariant()
     def no_empty_leaves_are_kept(self) -> None:
         stack = list((self.index.root.children or {}).values())
         while stack:
@@ -213,7 +274,8 @@ class IndexMachine(RuleBasedStateMachine):
 
 
 IndexMachine.TestCase.settings = settings(
-    max_examples=300,
+    # `nox -s contract` runs more (KVEVENTS_INDEX_EXAMPLES).
+    max_examples=int(os.environ.get("KVEVENTS_INDEX_EXAMPLES", "1000")),
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -258,3 +320,44 @@ def test_a_gap_in_one_worker_never_lends_it_another_workers_blocks() -> None:
     got = {w: m.blocks for w, m in index.query(tokens).items()}
     assert got == {(1, 0): 3, (2, 0): 1}
     assert not index.stale
+
+
+def _stored(hashes: list[int], tokens: list[int], parent: Any = None, medium: Any = None) -> Any:
+    event = BlockStored(
+        block_hashes=hashes,
+        parent_block_hash=parent,
+        token_ids=tokens,
+        block_size=BS,
+        medium=medium,
+    )
+    return KVEventBatch(ts=0.0, events=[event])
+
+
+def test_an_id_moved_onto_an_ancestor_of_its_old_block_stays_in_the_tree() -> None:
+    """Engine id 12 moves from the second block of a chain to the first, whose own id was
+    evicted: dropping its old place pruned the branch, the new place with it, and the worker
+    held a block no query could reach (1 block answered for 2, unflagged; a clear then raised
+    KeyError)."""
+    index = PrefixIndex(BS)
+    worker = (1, 0)
+    index.apply(worker, _stored([11, 12], [1, 2, 3, 4]))
+    index.apply(worker, KVEventBatch(ts=0.0, events=[BlockRemoved(block_hashes=[11])]))
+    index.apply(worker, _stored([12], [1, 2]))  # 12 now names the first block
+    index.apply(worker, _stored([13], [3, 4], parent=12))
+    match = index.query([1, 2, 3, 4])[worker]
+    assert (match.blocks, match.stale) == (2, False)
+    index.apply(worker, KVEventBatch(ts=0.0, events=[AllBlocksCleared()]))
+    assert index.query([1, 2, 3, 4]) == {} and index.root.children in (None, {})
+
+
+def test_a_renamed_block_keeps_its_tiers_apart() -> None:
+    """The engine renames a GPU block (id 0, then 5) while offloading it to CPU, then frees
+    its GPU copy: the block is CPU-only and must not be answered as GPU (a loop variable once
+    shadowed the 'tier other than GPU' flag, and an id of 0 read as false)."""
+    index = PrefixIndex(BS)
+    worker = (1, 0)
+    index.apply(worker, _stored([0], [1, 2], medium="GPU"))
+    index.apply(worker, _stored([5], [1, 2], medium="CPU"))
+    index.apply(worker, KVEventBatch(ts=0.0, events=[BlockRemoved(block_hashes=[5], medium="GPU")]))
+    match = index.query([1, 2])[worker]
+    assert (match.blocks, match.gpu, match.cpu) == (1, 0, 1)

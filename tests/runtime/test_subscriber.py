@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
+import zmq
 
 import kvevents
 from kvevents import Subscriber, vllm
@@ -33,10 +35,28 @@ def collect(
     return got
 
 
+@pytest.fixture
+def small_buffers() -> Iterator[zmq.Context]:
+    """A context whose sockets have 16 KB kernel buffers: with the defaults a paused reader's
+    TCP buffers hold megabytes (tens of thousands of these small batches), and the PUB
+    socket may drop nothing however tiny its HWM. Ask for it before `publishers`, so it is
+    torn down after them."""
+    context = zmq.Context()
+    context.setsockopt(zmq.SNDBUF, 16_384)
+    context.setsockopt(zmq.RCVBUF, 16_384)
+    yield context
+    context.destroy(linger=0)
+
+
 @pytest.mark.slow
-def test_100k_batches_through_a_tiny_hwm_arrive_exactly_once_in_order(publishers):
+def test_100k_batches_through_a_tiny_hwm_arrive_exactly_once_in_order(small_buffers, publishers):
     publisher = vllm.ZmqEventPublisher(
-        0, endpoint=LOOPBACK, replay_endpoint=LOOPBACK, hwm=20, buffer_steps=100_000
+        0,
+        endpoint=LOOPBACK,
+        replay_endpoint=LOOPBACK,
+        hwm=20,
+        buffer_steps=100_000,
+        context=small_buffers,
     )
     publishers.append(publisher)
     notices = []
@@ -47,6 +67,7 @@ def test_100k_batches_through_a_tiny_hwm_arrive_exactly_once_in_order(publishers
         rcvhwm=20,
         on_notice=notices.append,
         replay_timeout=10.0,  # a loaded CI machine must not turn a slow replay into a loss
+        context=small_buffers,
     ) as sub:
 
         def produce():

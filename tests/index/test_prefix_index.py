@@ -29,6 +29,20 @@ BLOCKS = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, m
 """Token blocks from a tiny alphabet, so workers share paths often."""
 
 
+def _stored(
+    hashes: list[int], tokens: list[int], parent: Any = None, medium: Any = None, lora: Any = None
+) -> Any:
+    event = BlockStored(
+        block_hashes=hashes,
+        parent_block_hash=parent,
+        token_ids=tokens,
+        block_size=BS,
+        medium=medium,
+        lora_name=lora,
+    )
+    return KVEventBatch(ts=0.0, events=[event])
+
+
 class Reference:
     """Per worker: the token paths it holds with their tiers, and one engine id per path."""
 
@@ -155,15 +169,7 @@ class IndexMachine(RuleBasedStateMachine):
             hashes[reuse_at % len(hashes)] = recent[reused % len(recent)]
         tokens = [t for block in blocks for t in block]
         keys = local_block_hashes(tokens, BS, lora)
-        event = BlockStored(
-            block_hashes=hashes,
-            parent_block_hash=parent,
-            token_ids=tokens,
-            block_size=BS,
-            medium=medium,
-            lora_name=lora,
-        )
-        self.index.apply(w, KVEventBatch(ts=0.0, events=[event]))
+        self.index.apply(w, _stored(hashes, tokens, parent, medium, lora))
         self.model.store(w, parent, hashes, keys, TIER_OF_MEDIUM[medium])
         self.stored += [(w, h) for h in hashes]
         self.paths.append(tokens)
@@ -320,17 +326,6 @@ def test_a_gap_in_one_worker_never_lends_it_another_workers_blocks() -> None:
     got = {w: m.blocks for w, m in index.query(tokens).items()}
     assert got == {(1, 0): 3, (2, 0): 1}
     assert not index.stale
-
-
-def _stored(hashes: list[int], tokens: list[int], parent: Any = None, medium: Any = None) -> Any:
-    event = BlockStored(
-        block_hashes=hashes,
-        parent_block_hash=parent,
-        token_ids=tokens,
-        block_size=BS,
-        medium=medium,
-    )
-    return KVEventBatch(ts=0.0, events=[event])
 
 
 def test_an_id_moved_onto_an_ancestor_of_its_old_block_stays_in_the_tree() -> None:

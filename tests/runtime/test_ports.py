@@ -57,7 +57,10 @@ def test_a_mock_engine_restarts_on_its_ports_while_a_subscriber_reconnects() -> 
         live = engine.publisher.connect_endpoint
         assert int(live.rsplit(":", 1)[1]) < ports.ephemeral_low()
         epochs = set()
-        with kvevents.Subscriber(live, engine.publisher.connect_replay_endpoint) as sub:
+        notices: list = []
+        with kvevents.Subscriber(
+            live, engine.publisher.connect_replay_endpoint, on_notice=notices.append
+        ) as sub:
             for restart in range(6):
                 if restart:
                     engine.publisher.shutdown()
@@ -69,6 +72,7 @@ def test_a_mock_engine_restarts_on_its_ports_while_a_subscriber_reconnects() -> 
                     engine.admit(list(range(restart * 100, restart * 100 + 32)))
                     engine.step(float(restart))
                     epochs |= {d.epoch for d in sub.poll(0.1)}
-        assert epochs == set(range(6))
+            stats = dict(sub.stats)
+        assert epochs == set(range(6)), (stats, [str(n) for n in notices])
     finally:
         engine.close()

@@ -17,7 +17,10 @@ The contract, per source and per epoch (an epoch is one publisher instance as se
   lost, the publisher's live block set is asked for and delivered as one snapshot at seq S,
   after every delivery and at or past the last delivered seq; every seq up to S not
   delivered before it is covered by it, and deliveries go on from S + 1. A consumer that
-  replaces its state with each snapshot then holds the publisher's state again.
+  replaces its state with each snapshot then holds the publisher's state again. Live
+  batches are held while a snapshot streams (so it is never outrun); past `max_buffered`
+  they are delivered and a newer snapshot is asked for after a pause that doubles each
+  time; one over `max_snapshot_bytes` (or, in the subscriber, too long) is abandoned.
 
 Restarts are seen by the publisher's instance id (the info request, which kvevents
 publishers answer) or, against a publisher without it (vLLM's, SGLang's own), by a live seq
@@ -28,35 +31,112 @@ epoch rather than guessed (`ambiguous`), and the new instance's replay brings th
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
+import msgspec
 from xxhash import xxh3_64_intdigest
 
 JoinPolicy = Literal["start", "first_seen", "none"]
-R = TypeVar("R")
 
-DELIVER = "deliver"
-"""(DELIVER, seq, payload)"""
-LOST = "history_lost"
-"""(LOST, first, last, reason, epoch): first..last inclusive, in that epoch."""
-RESET = "reset"
-"""(RESET, new epoch, reason)"""
-GAP = "gap"
-"""(GAP, expected, got): a live seq skipped ahead; a repair is under way."""
-REPAIRED = "repaired"
-"""(REPAIRED, next seq)"""
-REQUEST_REPLAY = "request_replay"
-"""(REQUEST_REPLAY, start)"""
-REQUEST_INFO = "request_info"
-"""(REQUEST_INFO,)"""
-OVERFLOW = "overflow"
-"""(OVERFLOW, held): live batches held during a repair reached the bound."""
-REQUEST_SNAPSHOT = "request_snapshot"
-"""(REQUEST_SNAPSHOT,)"""
-SNAPSHOT = "snapshot"
-"""(SNAPSHOT, seq, payloads): the publisher's live blocks as of seq, as batches."""
+
+# -- what the sequencer answers: typed events, the only way its decisions leave it ----------
+
+
+class Deliver(msgspec.Struct, frozen=True, gc=False):
+    """Hand this batch to the consumer."""
+
+    seq: int
+    payload: bytes
+
+
+class Lost(msgspec.Struct, frozen=True, gc=False):
+    """Seqs first..last (inclusive) of `epoch` will never be delivered."""
+
+    first: int
+    last: int
+    reason: str
+    epoch: int
+
+
+class Reset(msgspec.Struct, frozen=True, gc=False):
+    """The publisher restarted: `epoch` is the new instance's."""
+
+    epoch: int
+    reason: str
+
+
+class Gap(msgspec.Struct, frozen=True, gc=False):
+    """A live seq skipped ahead of `expected`; a repair is under way."""
+
+    expected: int
+    got: int
+
+
+class Repaired(msgspec.Struct, frozen=True, gc=False):
+    next_seq: int
+
+
+class Overflow(msgspec.Struct, frozen=True, gc=False):
+    """Live batches held during a repair or a snapshot reached the bound; the request in
+    flight is abandoned (its late answers must be dropped: a fresh DEALER)."""
+
+    held: int
+
+
+class RequestReplay(msgspec.Struct, frozen=True, gc=False):
+    start: int
+
+
+class RequestInfo(msgspec.Struct, frozen=True, gc=False):
+    pass
+
+
+class RequestSnapshot(msgspec.Struct, frozen=True, gc=False):
+    """`retry`: how many snapshots in a row were abandoned before completing (the
+    subscriber waits longer before each new one, so a source too busy to snapshot is not
+    asked in a loop)."""
+
+    retry: int = 0
+
+
+class SnapshotAbandoned(msgspec.Struct, frozen=True, gc=False):
+    """The snapshot in flight was given up (too large, or too long); like `Overflow`, its
+    late answers must be dropped. It is asked for again when the source is next quiet."""
+
+    reason: str
+
+
+class Snapshot(msgspec.Struct, frozen=True, gc=False):
+    """The publisher's live blocks as of `seq`, as the batches it sent them in."""
+
+    seq: int
+    payloads: list[bytes]
+
+
+class Counted(msgspec.Struct, frozen=True, gc=False):
+    """Batches that needed no delivery: `duplicates`, `late` (an earlier instance's, after
+    its epoch closed) or `ambiguous` (placed in neither instance)."""
+
+    name: str
+    count: int = 1
+
+
+Action = (
+    Deliver
+    | Lost
+    | Reset
+    | Gap
+    | Repaired
+    | Overflow
+    | RequestReplay
+    | RequestInfo
+    | RequestSnapshot
+    | Snapshot
+    | SnapshotAbandoned
+    | Counted
+)
+Actions = list[Action]
 
 RECENT = 4096
 _MASK = RECENT - 1
@@ -64,39 +144,6 @@ _MASK = RECENT - 1
 fingerprint: Callable[[bytes], int] = xxh3_64_intdigest
 """What `recent` keeps of a delivered payload. Not the built-in `hash`: SipHash costs 1.5 µs
 on a 2 KB payload in the subscriber's loop, xxh3 a fifth of that, and less at every size."""
-
-
-def _settles(method: Callable[..., R]) -> Callable[..., R]:
-    """After an input is handled, recompute `inline`: whether the next live batch, if it
-    carries the expected seq, can be delivered without the sequencer (the subscriber's fast
-    path). Only the slow path pays for this."""
-
-    @functools.wraps(method)
-    def settled(self: Sequencer, *args: Any) -> R:
-        try:
-            return method(self, *args)
-        finally:
-            out = args[-1]
-            if (
-                self.heal_wanted
-                and self.outstanding is None
-                and self.snapshots_available
-                and self.expected is not None
-                and not self.suspect
-                and self.unverified is None
-            ):
-                self.outstanding = "snapshot"
-                self.snapshot_seq = None
-                self.snapshot_parts = []
-                out.append((REQUEST_SNAPSHOT,))
-            self.inline = not (
-                self.outstanding in ("replay", "snapshot")
-                or self.pending
-                or self.unverified is not None
-                or self.suspect
-            )
-
-    return settled
 
 
 def _in_arrival_order(*parts: dict[int, bytes]) -> dict[int, bytes]:
@@ -111,12 +158,12 @@ def _in_arrival_order(*parts: dict[int, bytes]) -> dict[int, bytes]:
 
 
 class Sequencer:
-    """One source's sequence state. Every method appends its actions to `out`."""
+    """One source's sequence state, and its only writer. Each input (a method named for what
+    happened) returns the actions the caller must carry out, in order; `take` is the one
+    shortcut, for the in-order live batch that needs no decision."""
 
     __slots__ = (
-        "ambiguous",
         "can_replay",
-        "duplicates",
         "epoch",
         "expected",
         "info_supported",
@@ -133,11 +180,13 @@ class Sequencer:
         "heal_deferred",
         "heal_wanted",
         "held",
-        "late",
+        "max_snapshot_bytes",
         "recent",
         "replay_first",
         "replay_progress",
+        "snapshot_bytes",
         "snapshot_parts",
+        "snapshot_retries",
         "snapshot_seq",
         "snapshots_available",
         "suspect",
@@ -151,6 +200,7 @@ class Sequencer:
         can_replay: bool = True,
         max_buffered: int = 100_000,
         heal: bool = True,
+        max_snapshot_bytes: int = 1 << 30,
     ) -> None:
         self.join = join
         self.heal = heal
@@ -164,6 +214,11 @@ class Sequencer:
         self.snapshot_seq: int | None = None
         """The seq the snapshot in flight is consistent with (its info header says)."""
         self.snapshot_parts: list[bytes] = []
+        self.snapshot_bytes = 0
+        self.max_snapshot_bytes = max_snapshot_bytes
+        """A snapshot larger than this is abandoned (a hostile or broken publisher's never ends)."""
+        self.snapshot_retries = 0
+        """Snapshots abandoned in a row (live input outran the bound while one was in flight)."""
         self.can_replay = can_replay and join != "none"
         self.max_buffered = max_buffered
         self.epoch = 0
@@ -199,32 +254,127 @@ class Sequencer:
         held until the publisher says whether it is still the same instance."""
         self.inline = True
         """Nothing is held or replaying: an in-order live batch needs only `expected` moved."""
-        self.duplicates = 0
-        self.ambiguous = 0
-        """Held batches that could be placed in neither instance (reported lost or dropped)."""
-        self.late = 0
-        """The old instance's batches that arrived after its epoch was closed."""
 
-    # -- inputs -------------------------------------------------------------------------
+    # -- inputs: each returns the actions to carry out ------------------------------------
 
-    @_settles
-    def start(self, out: list[tuple[Any, ...]]) -> None:
+    def start(self) -> Actions:
         """The source was added: with join "start", ask what the publisher has."""
+        out: Actions = []
+        self._start(out)
+        return self._settle(out)
+
+    def reconnected(self) -> Actions:
+        """The live socket lost its connection (and makes a new one): the publisher may come
+        back as a new instance whose first batch carries exactly the seq the old stream
+        expects next. Live batches are held until the publisher says who it is."""
+        out: Actions = []
+        self._reconnected(out)
+        return self._settle(out)
+
+    def take(self, seq: int, payload: bytes) -> bool:
+        """The fast path: True when this live batch is the expected one and nothing is held
+        or in flight, so the caller delivers it as it is (only the sequencer's watermarks
+        move). False: nothing changed; hand it to `live`."""
+        if seq != self.expected or not self.inline:
+            return False
+        self.last_live = seq
+        self.expected = seq + 1
+        self.recent[seq & _MASK] = (seq, fingerprint(payload))
+        return True
+
+    def live(self, seq: int, payload: bytes) -> Actions:
+        """A batch from the live socket."""
+        out: Actions = []
+        self._live(seq, payload, out)
+        return self._settle(out)
+
+    def info(self, instance: bytes, next_seq: int, oldest: int, snapshots: bool = False) -> Actions:
+        """The publisher's answer to an info request: who it is and what it holds. It also
+        heads every replay and snapshot session asked of a publisher that answers info, so
+        neither is ever taken from an instance other than the one the epoch belongs to."""
+        out: Actions = []
+        self._info(instance, next_seq, oldest, snapshots, out)
+        return self._settle(out)
+
+    def reply(self, seq: int, payload: bytes) -> Actions:
+        """One item of the replay or snapshot session in flight."""
+        out: Actions = []
+        self._reply(seq, payload, out)
+        return self._settle(out)
+
+    def end(self) -> Actions:
+        """An END marker: closes the session in flight, or answers an info request the way a
+        publisher without info does (vLLM's and SGLang's own reply END to it)."""
+        out: Actions = []
+        self._end(out)
+        return self._settle(out)
+
+    def timeout(self) -> Actions:
+        """The request in flight got no answer after its retries: stop waiting for it."""
+        out: Actions = []
+        self._timeout(out)
+        return self._settle(out)
+
+    def abandon_snapshot(self, reason: str) -> Actions:
+        """The snapshot in flight ran past its time: give it up (asked again when quiet)."""
+        out: Actions = []
+        if self.outstanding == "snapshot":
+            self._abandon_snapshot(reason, out)
+        return self._settle(out)
+
+    def resync(self) -> Actions | None:
+        """The consumer found its state inconsistent with the stream (e.g. a block removed
+        that it never saw stored): ask for a snapshot. None when the publisher has none."""
+        out: Actions = []
+        if not self._resync(out):
+            return None
+        return self._settle(out)
+
+    def probe(self) -> Actions | None:
+        """The source was quiet: ask whether the publisher has anything not yet seen (a tail
+        the PUB socket dropped is revealed by nothing else). None when nothing was asked."""
+        out: Actions = []
+        if not self._probe(out):
+            return None
+        return self._settle(out)
+
+    def _settle(self, out: Actions) -> Actions:
+        """After every input: ask for the snapshot history loss calls for once nothing else
+        is in flight, and recompute `inline` (whether `take` may deliver without a decision)."""
+        if (
+            self.heal_wanted
+            and self.outstanding is None
+            and self.snapshots_available
+            and self.expected is not None
+            and not self.suspect
+            and self.unverified is None
+        ):
+            self.outstanding = "snapshot"
+            self.snapshot_seq = None
+            self.snapshot_parts = []
+            self.snapshot_bytes = 0
+            out.append(RequestSnapshot(self.snapshot_retries))
+        self.inline = not (
+            self.outstanding in ("replay", "snapshot")
+            or self.pending
+            or self.unverified is not None
+            or self.suspect
+        )
+        return out
+
+    # -- how each input is handled ------------------------------------------------------
+
+    def _start(self, out: Actions) -> None:
         if self.can_replay and self.join == "start":
             self.expected = 0
             self._repair(out)
 
-    @_settles
-    def reconnected(self, out: list[tuple[Any, ...]]) -> None:
-        """The live socket lost its connection (and makes a new one): the publisher may come
-        back as a new instance whose first batch carries exactly the seq the old stream
-        expects next. Live batches are held until the publisher says who it is."""
+    def _reconnected(self, out: Actions) -> None:
         if self.info_supported is False or not self.can_replay or self.expected is None:
             return
         self._hold_until_told(out)
 
-    @_settles
-    def live(self, seq: int, payload: bytes, out: list[tuple[Any, ...]]) -> None:
+    def _live(self, seq: int, payload: bytes, out: Actions) -> None:
         if self.suspect:
             if len(self.held) < self.max_buffered:
                 self.held.pop(seq, None)
@@ -252,10 +402,10 @@ class Sequencer:
                     # The reconnect notice that holds live input can come after the new
                     # instance's first batches (it travels apart from the data): without
                     # this hold, its next batch at the expected seq would be spliced on.
-                    self.late += 1
+                    out.append(Counted("late"))
                     self._hold_until_told(out)
                 else:
-                    self.duplicates += 1
+                    out.append(Counted("duplicates"))
                 return
             if same is not None:
                 duplicate = same
@@ -264,12 +414,12 @@ class Sequencer:
                 # moves forward; at or below the live watermark it is a new instance.
                 duplicate = last_live is None or seq > last_live
             if duplicate:
-                self.duplicates += 1
+                out.append(Counted("duplicates"))
                 return
             self._restart("a live seq went backwards", True, out)
             self._join(seq, payload, out)
             return
-        if seq == expected and self.outstanding != "replay":
+        if seq == expected and self.outstanding not in ("replay", "snapshot"):
             self._deliver(seq, payload, out)
             if self.pending:
                 self._flush(out)
@@ -278,33 +428,34 @@ class Sequencer:
         if held is not None and held != payload:
             # Two batches under one seq: two instances are on the wire. The later arrival
             # is the newer one; the arrival order of `pending` is what placement relies on.
-            self.late += 1
+            out.append(Counted("late"))
         self.pending[seq] = payload
-        if seq == expected:
+        if seq == expected and self.outstanding != "snapshot":
             self._flush(out)
             return
         if len(self.pending) > self.max_buffered:
-            out.append((OVERFLOW, len(self.pending)))
+            out.append(Overflow(len(self.pending)))
+            if self.outstanding == "snapshot":
+                # Live input outran the bound before the snapshot completed: it restarts from
+                # a newer cut once what was held is delivered, after a longer pause each time.
+                self.snapshot_retries += 1
+                self.snapshot_seq, self.snapshot_parts, self.snapshot_bytes = None, [], 0
             self.outstanding = None
             self._skip_to(min(self.pending), "live buffer overflow during a repair", out)
             self._flush(out)
         if self.pending and self.outstanding is None:
-            out.append((GAP, self.expected, seq))
+            out.append(Gap(expected, seq))
             self.gap_open = True
             self._repair(out)
 
-    @_settles
-    def info(
+    def _info(
         self,
         instance: bytes,
         next_seq: int,
         oldest: int,
-        out: list[tuple[Any, ...]],
-        snapshots: bool = False,
+        snapshots: bool,
+        out: Actions,
     ) -> None:
-        """The publisher's answer to an info request: who it is and what it holds. It also
-        heads every replay and snapshot session asked of a publisher that answers info, so
-        neither is ever taken from an instance other than the one the epoch belongs to."""
         header = self.outstanding in ("replay", "snapshot")
         self.snapshots_available = snapshots
         if self.outstanding == "info":
@@ -333,23 +484,25 @@ class Sequencer:
             self._request_replay(out)
         elif self.gap_open:
             self.gap_open = False
-            out.append((REPAIRED, self.expected))
+            out.append(Repaired(self.expected))
         self._release(out)
 
-    @_settles
-    def reply(self, seq: int, payload: bytes, out: list[tuple[Any, ...]]) -> None:
-        """One replayed batch of the replay in flight. A replay starts one seq early when that
-        seq was delivered: its bytes must match, or the publisher restarted under us."""
+    def _reply(self, seq: int, payload: bytes, out: Actions) -> None:
+        # A replay starts one seq early when that seq was delivered: its bytes must match, or
+        # the publisher restarted under us.
         if self.outstanding == "snapshot" and self.snapshot_seq is not None:
-            if len(self.snapshot_parts) < self.max_buffered:
-                self.snapshot_parts.append(payload)
+            self.snapshot_bytes += len(payload)
+            if self.snapshot_bytes > self.max_snapshot_bytes:
+                self._abandon_snapshot(f"larger than {self.max_snapshot_bytes} bytes", out)
+            elif len(self.snapshot_parts) >= self.max_buffered:
+                self._abandon_snapshot(f"more than {self.max_buffered} parts", out)
             else:
-                self.snapshot_seq = None  # past the bound: END will find no usable snapshot
+                self.snapshot_parts.append(payload)
             return
         if self.outstanding != "replay" or self.expected is None:
             return
         if self.unverified is not None and seq in self.unverified:
-            self._place(seq, payload)
+            self._place(seq, payload, out)
         if seq < self.expected:
             if self._same_as_delivered(seq, payload) is False:
                 self._restart(
@@ -371,10 +524,7 @@ class Sequencer:
         self.pending.pop(seq, None)
         self._deliver(seq, payload, out)
 
-    @_settles
-    def end(self, out: list[tuple[Any, ...]]) -> None:
-        """An END marker: closes the replay in flight, or answers an info request the way a
-        publisher without info does (vLLM's and SGLang's own reply END to it)."""
+    def _end(self, out: Actions) -> None:
         if self.outstanding == "info":
             self.outstanding = None
             self.info_supported = False
@@ -395,7 +545,8 @@ class Sequencer:
             assert expected is not None
             if not self.replay_progress or not any(seq >= expected for seq in self.unverified):
                 # What the replay covered was placed; the rest the new instance never had.
-                self.ambiguous += len(self.unverified)
+                if self.unverified:
+                    out.append(Counted("ambiguous", len(self.unverified)))
                 self.unverified = None
             else:
                 self.unverified = {
@@ -418,14 +569,13 @@ class Sequencer:
                 return
         self._after_repair(out)
 
-    @_settles
-    def timeout(self, out: list[tuple[Any, ...]]) -> None:
-        """The request in flight got no answer after its retries: stop waiting for it."""
+    def _timeout(self, out: Actions) -> None:
         kind, self.outstanding = self.outstanding, None
         if kind == "info" and self.info_supported is None:
             self.info_supported = False
         if self.unverified is not None:
-            self.ambiguous += len(self.unverified)
+            if self.unverified:
+                out.append(Counted("ambiguous", len(self.unverified)))
             self.unverified = None
         while self.pending:
             self._skip_to(min(self.pending), f"{kind or 'request'} timed out", out)
@@ -435,76 +585,95 @@ class Sequencer:
             # answer one is asked again only when the source is next quiet (probe).
             self.heal_deferred = True
             self.heal_wanted = False
-        self.snapshot_seq, self.snapshot_parts = None, []
+        self.snapshot_seq, self.snapshot_parts, self.snapshot_bytes = None, [], 0
         self.gap_open = False
         self.want_replay = False
+        if self.suspect and kind != "info":
+            # What arrived since the reconnect may be a new instance's: only an info answer
+            # may release it (an unanswered info request does: the publisher cannot say).
+            self.outstanding = "info"
+            out.append(RequestInfo())
+            return
         self._release(out)
 
-    @_settles
-    def resync(self, out: list[tuple[Any, ...]]) -> bool:
-        """The consumer found its state inconsistent with the stream (e.g. a block removed
-        that it never saw stored): ask for a snapshot. False when the publisher has none."""
+    def _abandon_snapshot(self, reason: str, out: Actions) -> None:
+        """Give up the snapshot in flight (too large, or too long): what was held is delivered,
+        and a snapshot is asked for again only when the source is next quiet."""
+        self.outstanding = None
+        self.snapshot_seq, self.snapshot_parts, self.snapshot_bytes = None, [], 0
+        out.append(SnapshotAbandoned(reason))
+        self.heal_deferred = self.heal_deferred or self.heal_wanted
+        self.heal_wanted = False
+        self._flush(out)
+        if self.pending:
+            self._repair(out)
+        else:
+            self._after_repair(out)
+
+    def _resync(self, out: Actions) -> bool:
         if not self.snapshots_available or self.expected is None or not self.can_replay:
             return False
         self.heal_wanted = True
         return True
 
-    @_settles
-    def probe(self, out: list[tuple[Any, ...]]) -> bool:
-        """The source was quiet: ask whether the publisher has anything not yet seen (a tail
-        the PUB socket dropped is revealed by nothing else). False when nothing was asked."""
+    def _probe(self, out: Actions) -> bool:
         if not self.can_replay or self.outstanding is not None or self.expected is None:
             return False
         if self.heal_deferred and self.snapshots_available:
             self.heal_deferred = False
             self.heal_wanted = True
-            return True  # asked for on the way out (_settles)
+            return True  # asked for on the way out (_settle)
         if self.info_supported is False:
             self._request_replay(out)
         else:
             self.want_replay = True
             self.outstanding = "info"
-            out.append((REQUEST_INFO,))
+            out.append(RequestInfo())
         return True
 
     # -- internals ----------------------------------------------------------------------
 
-    def _after_repair(self, out: list[tuple[Any, ...]]) -> None:
-        if self.gap_open:
+    def _after_repair(self, out: Actions) -> None:
+        if self.gap_open and self.expected is not None:
             self.gap_open = False
-            out.append((REPAIRED, self.expected))
+            out.append(Repaired(self.expected))
         if self.suspect:
             # The session's header came before the reconnect: ask who the publisher is now.
             self.outstanding = "info"
-            out.append((REQUEST_INFO,))
+            out.append(RequestInfo())
 
-    def _apply_snapshot(self, out: list[tuple[Any, ...]]) -> None:
+    def _apply_snapshot(self, out: Actions) -> None:
         """The snapshot in flight is complete: it covers every seq up to its own, and what
         was held past it is delivered after it."""
         seq, parts = self.snapshot_seq, self.snapshot_parts
-        self.snapshot_seq, self.snapshot_parts = None, []
+        self.snapshot_seq, self.snapshot_parts, self.snapshot_bytes = None, [], 0
         expected = self.expected
-        if seq is None or expected is None or seq < expected - 1:
-            return  # no header, over the bound, or older than what was delivered: not usable
-        for held in [s for s in self.pending if s <= seq]:
-            del self.pending[held]
-        self.expected = seq + 1
-        self.heal_wanted = self.heal_deferred = False
-        out.append((SNAPSHOT, seq, parts))
+        # Live input is held while a snapshot is in flight, so its cut is never behind what
+        # was delivered; without a header (a publisher that answered END alone) it is unusable.
+        if seq is not None and expected is not None and seq >= expected - 1:
+            for held in [s for s in self.pending if s <= seq]:
+                del self.pending[held]
+            self.expected = seq + 1
+            self.heal_wanted = self.heal_deferred = False
+            self.snapshot_retries = 0
+            out.append(Snapshot(seq, parts))
+        else:
+            self.heal_deferred = self.heal_deferred or self.heal_wanted
+            self.heal_wanted = False
         self._flush(out)
         if self.pending:
             self._repair(out)
 
-    def _release(self, out: list[tuple[Any, ...]]) -> None:
+    def _release(self, out: Actions) -> None:
         """The instance is settled: what was held since the reconnect is live input again."""
         if not self.suspect:
             return
         self.suspect = False
         held, self.held = self.held, {}
         for seq, payload in held.items():
-            self.live(seq, payload, out)
+            self._live(seq, payload, out)
 
-    def _join(self, seq: int, payload: bytes, out: list[tuple[Any, ...]]) -> None:
+    def _join(self, seq: int, payload: bytes, out: Actions) -> None:
         if seq == 0 or self.join != "start" or not self.can_replay:
             self.expected = seq
             self._deliver(seq, payload, out)
@@ -513,7 +682,7 @@ class Sequencer:
         self.pending[seq] = payload
         self._repair(out)
 
-    def _repair(self, out: list[tuple[Any, ...]]) -> None:
+    def _repair(self, out: Actions) -> None:
         if not self.can_replay:
             while self.pending:
                 self._skip_to(min(self.pending), "no replay endpoint", out)
@@ -525,9 +694,9 @@ class Sequencer:
             return
         self.want_replay = True
         self.outstanding = "info"
-        out.append((REQUEST_INFO,))
+        out.append(RequestInfo())
 
-    def _request_replay(self, out: list[tuple[Any, ...]]) -> None:
+    def _request_replay(self, out: Actions) -> None:
         expected = self.expected
         assert expected is not None
         self.want_replay = False
@@ -536,9 +705,9 @@ class Sequencer:
         self.replay_progress = False
         entry = self.recent[(expected - 1) & _MASK] if expected else None
         overlap = entry is not None and entry[0] == expected - 1
-        out.append((REQUEST_REPLAY, expected - 1 if overlap else expected))
+        out.append(RequestReplay(expected - 1 if overlap else expected))
 
-    def _hold_until_told(self, out: list[tuple[Any, ...]]) -> None:
+    def _hold_until_told(self, out: Actions) -> None:
         """Hold live batches until the publisher says who it is (an info answer)."""
         if self.suspect:
             return
@@ -546,7 +715,7 @@ class Sequencer:
         self.held = {}
         if self.outstanding is None:
             self.outstanding = "info"
-            out.append((REQUEST_INFO,))
+            out.append(RequestInfo())
 
     def _same_as_delivered(self, seq: int, payload: bytes) -> bool | None:
         """Whether `payload` has the bytes delivered under `seq`; None when `seq` is outside
@@ -556,19 +725,19 @@ class Sequencer:
             return None
         return entry[1] == fingerprint(payload)
 
-    def _deliver(self, seq: int, payload: bytes, out: list[tuple[Any, ...]]) -> None:
+    def _deliver(self, seq: int, payload: bytes, out: Actions) -> None:
         self.expected = seq + 1
         self.recent[seq & _MASK] = (seq, fingerprint(payload))
-        out.append((DELIVER, seq, payload))
+        out.append(Deliver(seq, payload))
 
-    def _flush(self, out: list[tuple[Any, ...]]) -> None:
+    def _flush(self, out: Actions) -> None:
         pending = self.pending
         while self.expected in pending:
             seq = self.expected
             assert seq is not None
             self._deliver(seq, pending.pop(seq), out)
 
-    def _skip_to(self, target: int, reason: str, out: list[tuple[Any, ...]]) -> None:
+    def _skip_to(self, target: int, reason: str, out: Actions) -> None:
         """Move `expected` to `target`: held batches below it are delivered in order, every
         seq in between that is not held is reported lost."""
         assert self.expected is not None
@@ -576,23 +745,24 @@ class Sequencer:
         for seq in sorted(s for s in self.pending if s < target):
             payload = self.pending.pop(seq)
             if seq > missing_from:
-                out.append((LOST, missing_from, seq - 1, reason, self.epoch))
+                out.append(Lost(missing_from, seq - 1, reason, self.epoch))
                 self.heal_wanted = self.heal
             self._deliver(seq, payload, out)
             missing_from = seq + 1
         if target > missing_from:
-            out.append((LOST, missing_from, target - 1, reason, self.epoch))
+            out.append(Lost(missing_from, target - 1, reason, self.epoch))
             self.heal_wanted = self.heal
         self.expected = target
 
-    def _place(self, seq: int, payload: bytes) -> None:
+    def _place(self, seq: int, payload: bytes, out: Actions) -> None:
         """A replayed batch met a held one under the same seq: decide which instance holds what."""
         assert self.unverified is not None
         order = list(self.unverified)
         index = order.index(seq)
         same = self.unverified[seq] == payload
         old = order[: index + (0 if same else 1)]
-        self.late += len(old)
+        if old:
+            out.append(Counted("late", len(old)))
         if same:
             expected = self.expected
             assert expected is not None
@@ -605,7 +775,7 @@ class Sequencer:
             if self.unverified is None:
                 self.unverified = {}
 
-    def _restart(self, reason: str, seen_live: bool, out: list[tuple[Any, ...]]) -> None:
+    def _restart(self, reason: str, seen_live: bool, out: Actions) -> None:
         """Close the current epoch and open the next. Held batches are the old instance's
         when the restart showed as a live seq going backwards (everything held arrived before
         it); when info revealed it, they are reported lost in the old epoch and placed in the
@@ -622,8 +792,7 @@ class Sequencer:
             end = max(self.known_next, max(held) + 1 if held else 0)
             if end > self.expected:
                 out.append(
-                    (
-                        LOST,
+                    Lost(
                         self.expected,
                         end - 1,
                         "not received before the publisher restarted",
@@ -639,10 +808,11 @@ class Sequencer:
         self.want_replay = False
         self.gap_open = False
         self.heal_wanted = self.heal_deferred = False
-        self.snapshot_seq, self.snapshot_parts = None, []
+        self.snapshot_seq, self.snapshot_parts, self.snapshot_bytes = None, [], 0
+        self.snapshot_retries = 0
         self.epoch += 1
         self.expected = None
         self.last_live = None
         self.recent = [None] * RECENT
         self.unverified = None if seen_live else held
-        out.append((RESET, self.epoch, reason))
+        out.append(Reset(self.epoch, reason))

@@ -17,6 +17,8 @@ notices and requests. Notices:
 - ``overflow``: live batches held during a repair reached `max_buffered`.
 - ``busy``: the publisher refused a replay for now; it is asked again after a pause.
 - ``stale`` / ``alive``: nothing arrived from a source for `stale_after` seconds / it spoke again.
+- ``snapshot_abandoned`` (reason): a snapshot too large or too long was given up; it is
+  asked for again once the source is quiet.
 - ``snapshot`` (seq, blocks): history was lost and a publisher with snapshots sent its live
   blocks; they arrive as one `Delivery` with `snapshot=True` in the stream's order.
 """
@@ -37,20 +39,21 @@ from zmq.utils.monitor import recv_monitor_message
 from .endpoints import attach
 from .errors import DecodeError, FrameError
 from .sequencer import (
-    DELIVER,
-    GAP,
-    LOST,
-    OVERFLOW,
-    RECENT,
-    REPAIRED,
-    REQUEST_INFO,
-    REQUEST_REPLAY,
-    REQUEST_SNAPSHOT,
-    RESET,
-    SNAPSHOT,
+    Actions,
+    Counted,
+    Deliver,
+    Gap,
     JoinPolicy,
+    Lost,
+    Overflow,
+    Repaired,
+    RequestInfo,
+    RequestReplay,
+    RequestSnapshot,
+    Reset,
     Sequencer,
-    fingerprint,
+    Snapshot,
+    SnapshotAbandoned,
 )
 from .wire import Wire
 
@@ -58,7 +61,6 @@ logger = logging.getLogger("kvevents.subscriber")
 
 _NOBLOCK = zmq.NOBLOCK
 _RCVMORE = zmq.RCVMORE
-_MASK = RECENT - 1
 STAT_NAMES = (
     "delivered",
     "gaps",
@@ -81,6 +83,7 @@ STAT_NAMES = (
     "stale",
     "snapshots_requested",
     "snapshots",
+    "snapshots_abandoned",
 )
 
 
@@ -127,13 +130,15 @@ class Delivery(msgspec.Struct, gc=False):
 class _Request:
     """The request a source has in flight on its DEALER."""
 
-    __slots__ = ("attempts", "deadline", "kind", "start")
+    __slots__ = ("attempts", "deadline", "kind", "start", "started")
 
     def __init__(self, kind: str, start: int, deadline: float) -> None:
         self.kind = kind
         self.start = start
         self.deadline = deadline
         self.attempts = 1
+        self.started = time.monotonic()
+        """When the session began: a snapshot that is still streaming is bounded by this."""
 
 
 class Source:
@@ -184,7 +189,9 @@ class Subscriber:
     `replay_timeout` and `replay_attempts` bound how long a request may stall;
     `stale_after` is the silence after which a source is reported stale (None disables).
     `heal`: when history is lost and the publisher keeps snapshots, ask for one and deliver
-    it (README, "State snapshots").
+    it (README, "State snapshots"); live batches are held (up to `max_buffered`) while it
+    streams, and one longer than `snapshot_timeout` seconds or larger than
+    `max_snapshot_bytes` is abandoned with a ``snapshot_abandoned`` notice.
     """
 
     wire: Wire
@@ -204,6 +211,8 @@ class Subscriber:
         stale_after: float | None = 10.0,
         busy_backoff: float = 0.05,
         heal: bool = True,
+        snapshot_timeout: float = 120.0,
+        max_snapshot_bytes: int = 1 << 30,
         on_notice: Callable[[Notice], None] | None = None,
         context: zmq.Context | None = None,
         rcvhwm: int = 100_000,
@@ -224,6 +233,8 @@ class Subscriber:
         self._stale_after = stale_after
         self._busy_backoff = busy_backoff
         self._heal = heal
+        self._snapshot_timeout = snapshot_timeout
+        self._max_snapshot_bytes = max_snapshot_bytes
         self._empty_batch = msgspec.msgpack.encode((0.0, []))
         self._on_notice = on_notice or (lambda n: logger.info("kvevents: %s", n))
         self._ctx = context or zmq.Context.instance()
@@ -258,7 +269,11 @@ class Subscriber:
     def add_source(self, endpoint: str, replay_endpoint: str | None = None) -> Source:
         """Follow one more publisher (e.g. another DP rank)."""
         sequencer = Sequencer(
-            self._join, replay_endpoint is not None, self._max_buffered, self._heal
+            self._join,
+            replay_endpoint is not None,
+            self._max_buffered,
+            self._heal,
+            self._max_snapshot_bytes,
         )
         source = Source(self._next_index, endpoint, replay_endpoint, sequencer)
         self._next_index += 1
@@ -289,9 +304,7 @@ class Subscriber:
             # A bad replay endpoint must not leave a half-added source behind.
             self.remove_source(source)
             raise
-        actions: list[tuple[Any, ...]] = []
-        sequencer.start(actions)
-        self._act(source, actions, [])
+        self._act(source, sequencer.start(), self._unread)  # type: ignore[arg-type]
         return source
 
     def remove_source(self, source: Source | int) -> None:
@@ -316,10 +329,11 @@ class Subscriber:
         found = self._sources.get(index)
         if found is None:
             return False
-        actions: list[tuple[Any, ...]] = []
-        asked = found.sequencer.resync(actions)
-        self._act(found, actions, [])
-        return asked
+        actions = found.sequencer.resync()
+        if actions is None:
+            return False
+        self._act(found, actions, self._unread)  # type: ignore[arg-type]
+        return True
 
     def _open_dealer(self, source: Source) -> None:
         dealer = self._ctx.socket(zmq.DEALER)
@@ -395,19 +409,17 @@ class Subscriber:
         seq_size = self._seq_size
         from_bytes = int.from_bytes
         decode = self._decode
-        digest = fingerprint
         append = out.append
         topic = self._topic
         end_seq = self._end_seq
         sequencer = source.sequencer
-        recent = sequencer.recent
+        take = sequencer.take
         index = source.index
         monitor = source.monitor
         if monitor is not None and cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._drain_monitor(source, out)
         received = 0
         delivered = 0
-        actions: list[tuple[Any, ...]] = []
         try:
             for _ in range(budget):
                 try:
@@ -442,15 +454,10 @@ class Subscriber:
                     self._malformed(source, "live seq is the END marker")
                     continue
                 payload = last.bytes
-                if seq != sequencer.expected or not sequencer.inline:
-                    sequencer.live(seq, payload, actions)
-                    self._act(source, actions, out)
-                    actions.clear()
+                if not take(seq, payload):
+                    self._act(source, sequencer.live(seq, payload), out)
                     continue
                 # In order with nothing held: the common case, delivered inline.
-                sequencer.last_live = seq
-                sequencer.expected = seq + 1
-                recent[seq & _MASK] = (seq, digest(payload))
                 try:
                     batch = decode(payload)
                 except DecodeError as exc:
@@ -476,15 +483,12 @@ class Subscriber:
                 break
             lost = lost or event["event"] == zmq.EVENT_DISCONNECTED
         if lost:
-            actions: list[tuple[Any, ...]] = []
-            source.sequencer.reconnected(actions)
-            self._act(source, actions, out)
+            self._act(source, source.sequencer.reconnected(), out)
 
     def _drain_replay(
         self, source: Source, sock: zmq.Socket, out: list[Delivery], budget: int
     ) -> None:
         parse = self.wire.parse_replay_reply
-        actions: list[tuple[Any, ...]] = []
         for _ in range(budget):
             try:
                 message = sock.recv_multipart(_NOBLOCK)
@@ -518,74 +522,80 @@ class Subscriber:
                 assert source.sub is not None
                 self._drain_live(source, source.sub, out, self._max_buffered)
                 kind = source.request.kind if source.request else None
-                sequencer.info(
-                    info.instance, info.next_seq, info.oldest_seq, actions, info.snapshots
+                actions = sequencer.info(
+                    info.instance, info.next_seq, info.oldest_seq, info.snapshots
                 )
                 if kind == "info" and sequencer.outstanding != "info":
                     source.request = None
             elif item.is_end:
                 source.request = None
-                sequencer.end(actions)
+                actions = sequencer.end()
             else:
                 self.stats["replayed"] += 1
-                sequencer.reply(item.seq, item.payload, actions)
+                actions = sequencer.reply(item.seq, item.payload)
             self._act(source, actions, out)
-            actions.clear()
             if source.dealer is not sock:
                 return  # the DEALER was replaced: what is left on this one is stale
 
     # -- the sequencer's answers --------------------------------------------------------
 
-    def _act(self, source: Source, actions: list[tuple[Any, ...]], out: list[Delivery]) -> None:
+    def _act(self, source: Source, actions: Actions, out: list[Delivery]) -> None:
         stats = self.stats
         for action in actions:
-            kind = action[0]
-            if kind == DELIVER:
-                self._deliver(source, action[1], action[2], out)
-            elif kind == LOST:
-                stats["history_lost"] += action[2] - action[1] + 1
-                self._notice(
-                    "history_lost",
-                    source,
-                    first=action[1],
-                    last=action[2],
-                    reason=action[3],
-                    epoch=action[4],
-                )
-            elif kind == GAP:
-                stats["gaps"] += 1
-                self._notice("gap", source, expected=action[1], got=action[2])
-            elif kind == REPAIRED:
-                stats["repaired"] += 1
-                self._notice("repaired", source, next_seq=action[1])
-            elif kind == RESET:
-                stats["resets"] += 1
-                source.request = None
-                self._reset_dealer(source)
-                self._notice("reset", source, epoch=action[1], reason=action[2])
-            elif kind == OVERFLOW:
-                stats["overflows"] += 1
-                source.request = None
-                self._reset_dealer(source)
-                self._notice("overflow", source, buffered=action[1])
-            elif kind == REQUEST_REPLAY:
-                stats["replays_requested"] += 1
-                self._send(
-                    source, _Request("replay", action[1], time.monotonic() + self._replay_timeout)
-                )
-            elif kind == REQUEST_INFO:
-                stats["info_requests"] += 1
-                self._send(source, _Request("info", 0, time.monotonic() + self._replay_timeout))
-            elif kind == REQUEST_SNAPSHOT:
-                stats["snapshots_requested"] += 1
-                self._send(source, _Request("snapshot", 0, time.monotonic() + self._replay_timeout))
-            elif kind == SNAPSHOT:
-                self._deliver_snapshot(source, action[1], action[2], out)
-        sequencer = source.sequencer
-        stats["duplicates"] += sequencer.duplicates
-        stats["late"] += sequencer.late
-        stats["ambiguous"] += sequencer.ambiguous
-        sequencer.duplicates = sequencer.late = sequencer.ambiguous = 0
+            match action:
+                case Deliver(seq, payload):
+                    self._deliver(source, seq, payload, out)
+                case Lost(first, last, reason, epoch):
+                    stats["history_lost"] += last - first + 1
+                    self._notice(
+                        "history_lost", source, first=first, last=last, reason=reason, epoch=epoch
+                    )
+                case Gap(expected, got):
+                    stats["gaps"] += 1
+                    self._notice("gap", source, expected=expected, got=got)
+                case Repaired(next_seq):
+                    stats["repaired"] += 1
+                    self._notice("repaired", source, next_seq=next_seq)
+                case Reset(epoch, reason):
+                    stats["resets"] += 1
+                    source.request = None
+                    self._reset_dealer(source)
+                    self._notice("reset", source, epoch=epoch, reason=reason)
+                case Overflow(held):
+                    stats["overflows"] += 1
+                    source.request = None
+                    self._reset_dealer(source)
+                    self._notice("overflow", source, buffered=held)
+                case SnapshotAbandoned(reason):
+                    stats["snapshots_abandoned"] += 1
+                    source.request = None
+                    self._reset_dealer(source)
+                    self._notice("snapshot_abandoned", source, reason=reason)
+                case RequestReplay(start):
+                    stats["replays_requested"] += 1
+                    deadline = time.monotonic() + self._replay_timeout
+                    self._send(source, _Request("replay", start, deadline))
+                case RequestInfo():
+                    stats["info_requests"] += 1
+                    self._send(source, _Request("info", 0, time.monotonic() + self._replay_timeout))
+                case RequestSnapshot(retry):
+                    stats["snapshots_requested"] += 1
+                    now = time.monotonic()
+                    request = _Request("snapshot", 0, now + self._replay_timeout)
+                    if retry:
+                        # The last one was outrun by live input: wait longer before each new cut.
+                        self._send_later(source, request, self._busy_backoff * 2 ** min(retry, 6))
+                    else:
+                        self._send(source, request)
+                case Snapshot(seq, payloads):
+                    self._deliver_snapshot(source, seq, payloads, out)
+                case Counted(name, count):
+                    stats[name] += count
+
+    def _send_later(self, source: Source, request: _Request, delay: float) -> None:
+        source.request = request
+        source.resend_at = time.monotonic() + delay
+        request.deadline = source.resend_at + self._replay_timeout
 
     def _send(self, source: Source, request: _Request) -> None:
         source.request = request
@@ -671,15 +681,21 @@ class Subscriber:
                 else:
                     source.request = None
                     self._reset_dealer(source)
-                    actions: list[tuple[Any, ...]] = []
-                    source.sequencer.timeout(actions)
-                    self._act(source, actions, out)
+                    self._act(source, source.sequencer.timeout(), out)
+            elif (
+                request is not None
+                and request.kind == "snapshot"
+                and now - request.started > self._snapshot_timeout
+            ):
+                # Each part refreshes the deadline: a snapshot that never ends is bounded here.
+                reason = f"still streaming after {self._snapshot_timeout:g} s"
+                self._act(source, source.sequencer.abandon_snapshot(reason), out)
             quiet = now - source.last_activity
             if self._idle_probe is not None and source.request is None and quiet > self._idle_probe:
-                actions = []
-                if source.sequencer.probe(actions):
+                probed = source.sequencer.probe()
+                if probed is not None:
                     source.last_activity = now
-                    self._act(source, actions, out)
+                    self._act(source, probed, out)
             if self._stale_after is not None and not source.stale and quiet > self._stale_after:
                 source.stale = True
                 self.stats["stale"] += 1

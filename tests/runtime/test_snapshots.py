@@ -277,3 +277,55 @@ def test_without_snapshots_the_loss_is_only_reported(publishers) -> None:
         stats = dict(sub.stats)
     assert stats["history_lost"] == 92 and stats["snapshots_requested"] == 0, stats
     assert live_state(consumer.state) != truth_of(batches)
+
+
+def test_a_snapshot_larger_than_one_publisher_round_heals_under_live_traffic(publishers) -> None:
+    """The livelock: with more live blocks than one publisher round sends, live batches arrive
+    while the snapshot streams. They used to be delivered past its cut, so every snapshot was
+    thrown away as out of date and asked for again (108 requests in 12 s, none applied). Now
+    they are held until it ends: one request, applied, and the state equals the publisher's."""
+    import threading
+
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8, snapshots=True)
+    publishers.append(pub)
+    batches = []
+    for n in range(60):  # 60,000 live blocks: several publisher rounds of snapshot batches
+        hashes = list(range(n * 1000, (n + 1) * 1000))
+        stored = vllm.BlockStored(
+            block_hashes=hashes,
+            parent_block_hash=None,
+            token_ids=[h % 50_000 for h in hashes for _ in range(BLOCK)],
+            block_size=BLOCK,
+            lora_id=None,
+            medium="GPU",
+            lora_name=None,
+        )
+        batches.append(vllm.KVEventBatch(ts=float(n), events=[stored]))
+    for b in batches:
+        pub.publish(b)
+    assert wait_until(lambda: pub.counters()["next_seq"] >= len(batches), 20)
+    stop = threading.Event()
+    trickle = random_batches(400, seed=5)
+    sent: list[vllm.KVEventBatch] = []
+
+    def keep_publishing() -> None:
+        for b in trickle:  # 50 batches/s while the subscriber joins and heals
+            if stop.wait(0.02):
+                return
+            pub.publish(b)
+            sent.append(b)
+
+    feeder = threading.Thread(target=keep_publishing)
+    consumer = Consumer()
+    with Subscriber(pub.connect_endpoint, pub.connect_replay_endpoint) as sub:  # type: ignore[arg-type]
+        feeder.start()
+        try:
+            drive(sub, consumer, lambda: consumer.snapshots >= 1, timeout=30)
+        finally:
+            stop.set()
+            feeder.join(10)
+        everything = batches + sent
+        drive(sub, consumer, lambda: live_state(consumer.state) == truth_of(everything), 20)
+        stats = dict(sub.stats)
+    assert consumer.snapshots == 1 and stats["snapshots_requested"] == 1, stats
+    assert live_state(consumer.state) == truth_of(everything), stats

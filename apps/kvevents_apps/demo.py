@@ -285,7 +285,7 @@ def run_demo(
         totals.caught_up[0].set()
         totals.caught_up[1].set()
         producer.join(5)
-        context.destroy(linger=0)
+        context.destroy(linger=100)  # not 0: kvevents_runtime.closing says why
     if totals.error is not None:
         raise totals.error
     lost = sum(totals.published) - sum(delivered)

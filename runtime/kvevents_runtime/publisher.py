@@ -24,6 +24,7 @@ import zmq
 
 from . import endpoints
 from .blockset import BlockSet, BlockShape
+from .closing import close_socket
 from .ratelimit import RateLimitedLog
 from .replay import ReplayService
 from .wire import Wire
@@ -297,14 +298,14 @@ class ZmqPublisherCore:
     def _finish(self) -> None:
         self._undelivered = len(self._queue)
         self._queue.clear()
-        self._pub.close(linger=0)
+        close_socket(self._pub)
         self._replay.close()
 
     # -- public -----------------------------------------------------------------------
 
     def shutdown(self, timeout: float | None = None) -> int:
         """Send what is queued (up to `timeout`, 1 s by default), stop the thread and close
-        the sockets with linger 0. Idempotent; returns how many batches were left undelivered."""
+        the sockets (runtime/kvevents_runtime/closing.py says why not with linger 0). Idempotent; returns how many batches were left undelivered."""
         with self._shutdown_lock:
             if self._shutdown_done:
                 return self._undelivered

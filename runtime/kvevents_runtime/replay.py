@@ -25,6 +25,7 @@ import zmq
 
 from . import endpoints
 from .blockset import BlockSet
+from .closing import close_socket
 from .errors import FrameError
 from .ratelimit import RateLimitedLog
 from .wire import RingEntry, Wire
@@ -263,4 +264,4 @@ class ReplayService:
 
     def close(self) -> None:
         if self.socket is not None:
-            self.socket.close(linger=0)
+            close_socket(self.socket)

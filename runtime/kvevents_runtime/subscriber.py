@@ -36,6 +36,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from .closing import close_socket
 from .endpoints import attach
 from .errors import DecodeError, FrameError
 from .sequencer import (
@@ -314,12 +315,7 @@ class Subscriber:
         removed = self._sources.pop(index, None)
         if removed is None:
             return
-        for sock in (removed.monitor, removed.sub, removed.dealer):
-            if sock is not None:
-                if self._owners.pop(sock, None) is not None:
-                    self._poller.unregister(sock)
-                sock.close(linger=0)
-        removed.sub = removed.dealer = removed.monitor = None
+        self._close_sockets(removed)
 
     def request_snapshot(self, source: Source | int) -> bool:
         """Ask a source's publisher for a snapshot (delivered later, in order, as a
@@ -350,7 +346,7 @@ class Subscriber:
         if source.dealer is not None:
             self._poller.unregister(source.dealer)
             del self._owners[source.dealer]
-            source.dealer.close(linger=0)
+            close_socket(source.dealer)
             source.dealer = None
             self._open_dealer(source)
 
@@ -736,9 +732,24 @@ class Subscriber:
         if self._closed:
             return
         self._closed = True
-        for sock in list(self._owners):
-            sock.close(linger=0)
+        for source in self._sources.values():
+            self._close_sockets(source)
         self._owners.clear()
+
+    def _close_sockets(self, source: Source) -> None:
+        # The monitor is switched off before its reader closes: the SUB would otherwise go on
+        # sending connection events to a closed PAIR.
+        if source.sub is not None and source.monitor is not None:
+            try:
+                source.sub.disable_monitor()
+            except zmq.ZMQError:
+                pass
+        for sock in (source.monitor, source.sub, source.dealer):
+            if sock is not None:
+                if self._owners.pop(sock, None) is not None:
+                    self._poller.unregister(sock)
+                close_socket(sock)
+        source.sub = source.dealer = source.monitor = None
 
     def __enter__(self) -> Subscriber:
         return self

@@ -7,8 +7,11 @@ Differences, on purpose: every error body is one line of JSON (Dynamo answers a 
 body in plain text), stale workers are left out of `scores` and listed under `stale`, and
 /metrics names are `kvevents_index_*`.
 
-A raw ASGI application on uvicorn: JSON in and out with msgspec, one `LiveIndex` (one
-asyncio subscriber) per (model_name, routing_group), each fed by its own task.
+A raw ASGI application on uvicorn: JSON in and out with msgspec, one `LiveIndex` per
+(model_name, routing_group), all fed by one `IndexFeed` (one subscriber, one poll, one task)
+under supervision: a failure is logged with its traceback, counted in /metrics, marks the
+workers it concerns stale in every answer and is retried; /health answers 503 with the
+reason while the feed cannot recover, or when its task has ended.
 """
 
 from __future__ import annotations
@@ -17,17 +20,30 @@ import asyncio
 import logging
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
 from kvevents import EndpointError, check_endpoint
-from kvevents.index import LiveIndex, Match
+from kvevents.index import IndexFeed, LiveIndex, Match
 
 logger = logging.getLogger("kvevents.index")
 
+UNHEALTHY_AFTER = 5.0
+"""Seconds of failed polls in a row after which /health answers 503."""
+BODY_TIMEOUT = 10.0
+"""Seconds a request body may take to arrive (a client dripping bytes holds nothing longer)."""
+MAX_CONNECTIONS = 1024
+"""Concurrent connections and requests; past it the server answers 503 at once."""
+MAX_QUERY_TOKENS = 1 << 20
+"""Tokens in one /query (1M: 65,536 blocks of 16; hashing it holds the loop ~0.1 s)."""
+MAX_QUERY_HASHES = 1 << 16
+MAX_NAME = 256
+"""Characters in a model name, routing group or topic."""
+MAX_ENDPOINT = 1024
 MAX_BODY = 8 * 1024 * 1024
 """Request bodies over 8 MiB (Dynamo's limit) are refused with 413 before they are parsed."""
 U64 = (1 << 64) - 1
@@ -36,48 +52,59 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+InstanceId = Annotated[int, Meta(ge=0)]
+"""At most 2^64 - 1 too (msgspec bounds stop at int64: checked by `_instance`)."""
+Name = Annotated[str, Meta(max_length=MAX_NAME)]
+Endpoint = Annotated[str, Meta(max_length=MAX_ENDPOINT)]
+
+
 class Register(msgspec.Struct, kw_only=True):
-    instance_id: Annotated[int, Meta(ge=0)]
-    endpoint: str
-    model_name: str = "default"
+    instance_id: InstanceId
+    endpoint: Endpoint
+    model_name: Name = "default"
     block_size: Annotated[int, Meta(ge=1, le=2**32 - 1)] | None = None
     dp_rank: Annotated[int, Meta(ge=0, le=2**32 - 1)] = 0
-    replay_endpoint: str | None = None
-    routing_group: str = "default"
+    replay_endpoint: Endpoint | None = None
+    routing_group: Name = "default"
+    topic: Name | None = None
+    """None (Dynamo's /register has none): every topic, as Dynamo's indexer reads them."""
     tenant_id: Any = None
     additional_salt: Any = None
     additionalsalt: Any = None
 
 
 class Unregister(msgspec.Struct, kw_only=True):
-    instance_id: Annotated[int, Meta(ge=0)]
-    model_name: str = "default"
-    routing_group: str = "default"
+    instance_id: InstanceId
+    model_name: Name = "default"
+    routing_group: Name = "default"
     dp_rank: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
 
 
 class Query(msgspec.Struct, kw_only=True):
-    token_ids: list[int]
+    token_ids: Annotated[list[int], Meta(max_length=MAX_QUERY_TOKENS)]
     """u32 each: checked when they are packed for hashing (a bound per element here would
     double the decode time of a 1,024-token body)."""
-    model_name: str = "default"
-    routing_group: str = "default"
-    lora_name: str | None = None
-    cache_salt: str | None = None
+    model_name: Name = "default"
+    routing_group: Name = "default"
+    lora_name: Name | None = None
+    cache_salt: Annotated[str, Meta(max_length=4096)] | None = None
 
 
 class QueryByHash(msgspec.Struct, kw_only=True):
-    block_hashes: list[int]
+    block_hashes: Annotated[list[int], Meta(max_length=MAX_QUERY_HASHES)]
     """Dynamo LocalBlockHash values, signed (as Dynamo sends them) or unsigned 64-bit."""
-    model_name: str = "default"
-    routing_group: str = "default"
+    model_name: Name = "default"
+    routing_group: Name = "default"
     cache_salt: Any = msgspec.UNSET
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or []
 
 
 _decoders = {
@@ -100,6 +127,8 @@ class IndexService:
         replay: dict[tuple[int, int], str] | None = None,
         subscriber_options: dict[str, Any] | None = None,
         max_body: int = MAX_BODY,
+        body_timeout: float = BODY_TIMEOUT,
+        unhealthy_after: float = UNHEALTHY_AFTER,
     ) -> None:
         self.block_size = block_size
         self.model_name = model_name
@@ -108,8 +137,11 @@ class IndexService:
         self.initial_replay = dict(replay or {})
         self.subscriber_options = dict(subscriber_options or {})
         self.max_body = max_body
+        self.body_timeout = body_timeout
+        self.unhealthy_after = unhealthy_after
         self.indexes: dict[tuple[str, str], LiveIndex] = {}
-        self._feeders: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.feed: IndexFeed | None = None
+        self._feeder: asyncio.Task[None] | None = None
         self.requests = 0
         self.errors = 0
         self._routes: dict[tuple[str, str], Callable[[bytes, Scope], Awaitable[tuple[int, Any]]]]
@@ -126,36 +158,46 @@ class IndexService:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.feed = IndexFeed(**self.subscriber_options)
+        self._feeder = asyncio.get_running_loop().create_task(self.feed.run())
         for worker_id, dp_rank, endpoint in self.initial:
             replay = self.initial_replay.get((worker_id, dp_rank))
             live = self._index_for(self.model_name, self.routing_group, self.block_size)
             await live.register(worker_id, endpoint, replay, dp_rank)
 
     async def stop(self) -> None:
-        for key, live in list(self.indexes.items()):
+        for live in self.indexes.values():
             await live.close()
-            task = self._feeders.pop(key)
-            try:
-                await asyncio.wait_for(task, 5)
-            except (TimeoutError, RuntimeError):
-                task.cancel()
         self.indexes.clear()
+        if self.feed is not None:
+            await self.feed.close()
+        if self._feeder is not None:
+            try:
+                await asyncio.wait_for(self._feeder, 5)
+            except BaseException:
+                self._feeder.cancel()
 
     def _index_for(self, model: str, group: str, block_size: int) -> LiveIndex:
         key = (model, group)
         live = self.indexes.get(key)
         if live is None:
-            live = LiveIndex(block_size, **self.subscriber_options)
+            assert self.feed is not None, "the service has not started"
+            live = LiveIndex(block_size, feed=self.feed)
             self.indexes[key] = live
-            self._feeders[key] = asyncio.get_running_loop().create_task(self._feed(live))
         return live
 
-    @staticmethod
-    async def _feed(live: LiveIndex) -> None:
-        try:
-            await live.run()
-        except RuntimeError:
-            pass  # the subscriber was closed under a poll at shutdown
+    def trouble(self) -> str | None:
+        """Why the service cannot vouch for its answers, or None."""
+        feeder, feed = self._feeder, self.feed
+        if feeder is None or feed is None:
+            return "not started"
+        if feeder.done():
+            error = None if feeder.cancelled() else feeder.exception()
+            return f"the feed has stopped: {error!r}" if error else "the feed has stopped"
+        since = feed.failing_since
+        if since is not None and time.monotonic() - since > self.unhealthy_after:
+            return f"the feed has failed for over {self.unhealthy_after:g} s: {feed.last_failure}"
+        return None
 
     # -- ASGI ---------------------------------------------------------------------------
 
@@ -174,16 +216,26 @@ class IndexService:
             await _respond(send, 200, body, [(b"content-type", content_type.encode())])
             return
         route = self._routes.get((method, path))
+        headers = _JSON
         try:
             if route is None:
-                known = any(p == path for _, p in self._routes) or path == "/metrics"
-                raise HttpError(405 if known else 404, f"no route {method} {path}")
+                allowed = sorted({m for m, p in self._routes if p == path})
+                if path == "/metrics":
+                    allowed = ["GET"]
+                if allowed:
+                    allow = [(b"allow", ", ".join(allowed).encode())]
+                    raise HttpError(405, f"{method} not allowed on {path}", allow)
+                raise HttpError(404, f"no route {method} {path}")
             body = await self._read(scope, receive)
             status, answer = await route(body, scope)
         except HttpError as exc:
             self.errors += 1
             status, answer = exc.status, {"error": str(exc)}
-        await _respond(send, status, _encode(answer), _JSON)
+            headers = _JSON + exc.headers
+        if isinstance(answer, _Streamed):
+            await _stream(send, status, answer)
+            return
+        await _respond(send, status, _encode(answer), headers)
 
     async def _read(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.max_body
@@ -192,8 +244,15 @@ class IndexService:
                 raise HttpError(413, f"request body over {limit} bytes")
         chunks = []
         size = 0
+        deadline = time.monotonic() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                waited = f"{self.body_timeout:g} s"
+                raise HttpError(408, f"request body not received within {waited}") from None
+            if message["type"] == "http.disconnect":
+                raise HttpError(400, "the client went away before its body arrived")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -221,6 +280,7 @@ class IndexService:
 
     async def register(self, body: bytes, scope: Scope) -> tuple[int, Any]:
         request = _parse(Register, body)
+        _instance(request.instance_id)
         for endpoint in filter(None, (request.endpoint, request.replay_endpoint)):
             _check_scheme(endpoint)
         key = (request.model_name, request.routing_group)
@@ -237,7 +297,11 @@ class IndexService:
         live = self._index_for(*key, block_size)
         try:
             await live.register(
-                request.instance_id, request.endpoint, request.replay_endpoint, request.dp_rank
+                request.instance_id,
+                request.endpoint,
+                request.replay_endpoint,
+                request.dp_rank,
+                request.topic,
             )
         except KeyError as exc:
             raise HttpError(409, exc.args[0]) from None
@@ -247,6 +311,7 @@ class IndexService:
 
     async def unregister(self, body: bytes, scope: Scope) -> tuple[int, Any]:
         request = _parse(Unregister, body)
+        _instance(request.instance_id)
         live = self.indexes.get((request.model_name, request.routing_group))
         removed = 0 if live is None else await live.unregister(request.instance_id, request.dp_rank)
         if not removed:
@@ -305,11 +370,18 @@ class IndexService:
         return 200, list(out.values())
 
     async def dump(self, body: bytes, scope: Scope) -> tuple[int, Any]:
-        out = {}
-        for (model, group), live in self.indexes.items():
-            events = []
+        """Every entry as Dynamo's stored events, streamed a worker at a time so a large
+        dump never holds the event loop (other clients are answered between the parts)."""
+        return 200, _Streamed(self._dump_parts())
+
+    def _dump_parts(self) -> Iterator[bytes]:
+        yield b"{"
+        for number, ((model, group), live) in enumerate(list(self.indexes.items())):
+            head = _encode(f"{model}:{group}") + b':{"block_size":'
+            yield (b"," if number else b"") + head + _encode(live.index.block_size) + b',"events":['
             event_id = 0
-            for worker_id, dp_rank in live.index.workers:
+            for worker_id, dp_rank in list(live.index.workers):
+                events = []
                 for parent, blocks in live.index.chains((worker_id, dp_rank)):
                     event_id += 1
                     stored = {
@@ -328,10 +400,16 @@ class IndexService:
                             },
                         }
                     )
-            out[f"{model}:{group}"] = {"block_size": live.index.block_size, "events": events}
-        return 200, out
+                if events:
+                    part = _encode(events)[1:-1]
+                    yield (b"," if event_id > len(events) else b"") + part
+            yield b"]}"
+        yield b"}"
 
     async def health(self, body: bytes, scope: Scope) -> tuple[int, Any]:
+        trouble = self.trouble()
+        if trouble is not None:
+            return 503, {"status": "unhealthy", "reason": trouble}
         return 200, {"status": "ok"}
 
     def _live(self, model: str, group: str) -> LiveIndex:
@@ -378,7 +456,16 @@ class IndexService:
                 )
                 requests.add_metric(["all"], service.requests)
                 requests.add_metric(["error"], service.errors)
-                yield from (counters, entries, stale, workers, requests)
+                feed = service.feed
+                failures = CounterMetricFamily(
+                    "kvevents_index_feed_failures", "Polls of the subscriber that raised"
+                )
+                failures.add_metric([], feed.poll_failures if feed else 0)
+                healthy = GaugeMetricFamily(
+                    "kvevents_index_healthy", "1 when /health answers 200, else 0"
+                )
+                healthy.add_metric([], 0 if service.trouble() else 1)
+                yield from (counters, entries, stale, workers, requests, failures, healthy)
 
         registry = CollectorRegistry()
         registry.register(Collector())  # type: ignore[arg-type]
@@ -420,6 +507,11 @@ def _parse(kind: type[Any], body: bytes) -> Any:
         raise HttpError(400, f"malformed JSON body: {exc}") from None
 
 
+def _instance(instance_id: int) -> None:
+    if instance_id > U64:
+        raise HttpError(422, f"instance_id {instance_id} is over 2^64 - 1")
+
+
 def _check_scheme(endpoint: str) -> None:
     """Dynamo's wording for an endpoint without a scheme; the subscriber checks the rest."""
     if "://" not in endpoint:
@@ -436,6 +528,21 @@ def _query_string(scope: Scope) -> dict[str, str]:
     from urllib.parse import parse_qsl
 
     return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+
+
+class _Streamed:
+    """A JSON answer sent in parts (HTTP chunked), the loop free between them."""
+
+    def __init__(self, parts: Iterator[bytes]) -> None:
+        self.parts = parts
+
+
+async def _stream(send: Send, status: int, answer: _Streamed) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": _JSON})
+    for part in answer.parts:
+        await send({"type": "http.response.body", "body": part, "more_body": True})
+        await asyncio.sleep(0)
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _respond(
@@ -488,7 +595,14 @@ def serve(
         print(f"kvevents index: error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 2
     app = IndexService(block_size, model_name, routing_group, workers, replay)
-    config = uvicorn.Config(app, lifespan="on", access_log=False, log_level="warning")
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_keep_alive=5,
+    )
     server = uvicorn.Server(config)
     bound = listener.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host

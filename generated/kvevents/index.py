@@ -7,24 +7,34 @@ engines' caches, and `LiveIndex`, the index kept up to date by `kvevents.aio.Sub
         await live.register(1, "tcp://10.0.0.5:5557", "tcp://10.0.0.5:5558")
         feeding = asyncio.create_task(live.run())
         live.query(token_ids)   # {(worker_id, dp_rank): Match(blocks, gpu, cpu, disk, ...)}
+
+Many indexes (one per model) share one subscriber and one poll through an `IndexFeed`:
+`LiveIndex(block_size, feed=feed)`, and run `feed.run()` once.
 """
 
 from kvevents_runtime.blockhash import SEED, block_seed, local_block_hashes
+from kvevents_runtime.feed import IndexFeed as _RuntimeIndexFeed
 from kvevents_runtime.liveindex import LiveIndex as _RuntimeLiveIndex
 from kvevents_runtime.prefix import COUNTER_NAMES, TIER_NAMES, Match, PrefixIndex, Worker
 
 from . import aio
 
 
+class IndexFeed(_RuntimeIndexFeed):
+    __doc__ = _RuntimeIndexFeed.__doc__
+    subscriber_class = aio.Subscriber
+
+
 class LiveIndex(_RuntimeLiveIndex):
     __doc__ = _RuntimeLiveIndex.__doc__
-    subscriber_class = aio.Subscriber
+    feed_class = IndexFeed
 
 
 __all__ = [
     "COUNTER_NAMES",
     "SEED",
     "TIER_NAMES",
+    "IndexFeed",
     "LiveIndex",
     "Match",
     "PrefixIndex",

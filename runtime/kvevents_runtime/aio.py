@@ -71,8 +71,10 @@ class AsyncSubscriber:
             while unread:
                 yield unread.popleft()
 
-    async def add_source(self, endpoint: str, replay_endpoint: str | None = None) -> Source:
-        return await self._run(self._sub.add_source, endpoint, replay_endpoint)  # type: ignore[no-any-return]
+    async def add_source(
+        self, endpoint: str, replay_endpoint: str | None = None, topic: str | None | bytes = b""
+    ) -> Source:
+        return await self._run(self._sub.add_source, endpoint, replay_endpoint, topic)  # type: ignore[no-any-return]
 
     async def request_snapshot(self, source: Source | int) -> bool:
         return await self._run(self._sub.request_snapshot, source)  # type: ignore[no-any-return]

@@ -13,30 +13,41 @@ need no lock. What the subscriber reports decides what the index trusts:
 - an inconsistency the index finds itself (a store under an unknown parent, a removal of
   an unknown block) marks the worker stale and, when its publisher keeps snapshots, asks
   for one, which resynchronises it;
-- a worker that is unregistered loses every entry.
+- a worker that is unregistered loses every entry;
+- an exception while applying a delivery (a defect, never expected) is logged with its
+  traceback, counted (`apply_failures`), and marks the worker stale, which asks for a
+  snapshot as above: the index never goes on answering from state it knows is wrong.
+
+Several indexes (one per model) share one subscriber and one poll through an `IndexFeed`
+(kvevents_runtime.feed); an index made without one makes its own.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import logging
 from typing import Any
 
+from .feed import IndexFeed
 from .prefix import PrefixIndex, Worker
 from .subscriber import Notice
+
+logger = logging.getLogger("kvevents.index")
 
 
 class LiveIndex:
     """`await register(...)`, run `await live.run()` as a task, and `query` from the loop."""
 
-    subscriber_class: Any
-    """The asyncio subscriber bound to a wire, set by the generated face (kvevents.index)."""
+    feed_class: type[IndexFeed]
+    """The feed bound to a wire, set by the generated face (kvevents.index)."""
 
-    def __init__(self, block_size: int = 16, **subscriber_options: Any) -> None:
+    def __init__(
+        self, block_size: int = 16, *, feed: IndexFeed | None = None, **subscriber_options: Any
+    ) -> None:
+        if feed is not None and subscriber_options:
+            raise ValueError("subscriber options belong to the shared feed")
         self.index = PrefixIndex(block_size)
-        self._notices: deque[Notice] = deque()
-        options = {"idle_probe": 1.0, "stale_after": 10.0, **subscriber_options}
-        options["on_notice"] = self._notices.append  # runs on the subscriber's thread
-        self._sub = self.subscriber_class(sources=[], **options)
+        self._own_feed = feed is None
+        self._feed = feed if feed is not None else self.feed_class(**subscriber_options)
         self._workers: dict[Worker, Any] = {}
         """worker -> its subscriber source."""
         self._by_source: dict[int, Worker] = {}
@@ -48,6 +59,7 @@ class LiveIndex:
             "snapshots": 0,
             "snapshots_requested": 0,
             "batches": 0,
+            "apply_failures": 0,
         }
         self._asked: set[Worker] = set()
         """Stale workers a snapshot was asked for, until one arrives; a worker whose snapshot
@@ -59,23 +71,33 @@ class LiveIndex:
 
     @property
     def subscriber(self) -> Any:
-        return self._sub
+        return self._feed.subscriber
+
+    @property
+    def feed(self) -> IndexFeed:
+        return self._feed
 
     @property
     def endpoints(self) -> dict[Worker, tuple[str, str | None]]:
         return dict(self._endpoints)
 
     async def register(
-        self, worker_id: int, endpoint: str, replay_endpoint: str | None = None, dp_rank: int = 0
+        self,
+        worker_id: int,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        dp_rank: int = 0,
+        topic: str | None = None,
     ) -> None:
-        """Follow one engine (one DP rank). KeyError when it is already registered; the
+        """Follow one engine (one DP rank). `topic` None reads every topic (as Dynamo's
+        indexer does), a string only that one. KeyError when it is already registered; the
         subscriber's ValueError for an endpoint it cannot use."""
         worker = (worker_id, dp_rank)
         if worker in self._workers:
             raise KeyError(f"instance {worker_id} dp_rank {dp_rank} already registered")
         self._workers[worker] = None  # reserved while the source is added
         try:
-            source = await self._sub.add_source(endpoint, replay_endpoint)
+            source = await self._feed.add_source(self, endpoint, replay_endpoint, topic)
         except BaseException:
             del self._workers[worker]
             raise
@@ -93,7 +115,7 @@ class LiveIndex:
             source = self._workers.pop(worker)
             if source is not None:
                 self._by_source.pop(source.index, None)
-                await self._sub.remove_source(source)
+                await self._feed.remove_source(source)
             self._epochs.pop(worker, None)
             self._endpoints.pop(worker, None)
             self.index.remove_worker(worker)
@@ -111,57 +133,79 @@ class LiveIndex:
     # -- feeding ----------------------------------------------------------------------
 
     async def step(self, timeout: float = 0.05) -> int:
-        """One poll of the subscriber, applied; returns the batches applied."""
-        deliveries = await self._sub.poll(timeout, 256)
-        self._take_notices()
+        """One poll of the feed, applied (every index sharing it is fed); returns the
+        batches applied."""
+        return await self._feed.step(timeout)
+
+    def take_deliveries(self, deliveries: list[Any]) -> int:
+        """Apply this index's share of one poll (the feed calls this)."""
         applied = 0
-        index = self.index
         for delivery in deliveries:
             worker = self._by_source.get(delivery.source)
             if worker is None:
                 continue  # unregistered while its batches were in flight
-            if delivery.epoch != self._epochs[worker]:
-                self._epochs[worker] = delivery.epoch
-                self._asked.discard(worker)
-                self.counters["restarts"] += 1
-                index.clear_worker(worker)
-                if delivery.seq == 0 and not delivery.snapshot:
-                    index.resync(worker)  # the new instance's whole stream follows
-            if delivery.snapshot:
-                self.counters["snapshots"] += 1
-                index.resync(worker, [delivery.batch])
-                if worker not in index.stale:
-                    self._asked.discard(worker)
-            else:
-                index.apply(worker, delivery.batch)
+            try:
+                self._take(worker, delivery)
+            except Exception as exc:
+                self.counters["apply_failures"] += 1
+                logger.exception(
+                    "kvevents index: batch seq %d of worker %s not applied", delivery.seq, worker
+                )
+                self.index.mark_stale(worker, f"a batch could not be applied: {exc!r}")
+                continue
             applied += 1
         self.counters["batches"] += applied
-        for worker in [w for w in index.stale if w not in self._asked]:
+        return applied
+
+    def _take(self, worker: Worker, delivery: Any) -> None:
+        index = self.index
+        if delivery.epoch != self._epochs[worker]:
+            self._epochs[worker] = delivery.epoch
+            self._asked.discard(worker)
+            self.counters["restarts"] += 1
+            index.clear_worker(worker)
+            if delivery.seq == 0 and not delivery.snapshot:
+                index.resync(worker)  # the new instance's whole stream follows
+        if delivery.snapshot:
+            self.counters["snapshots"] += 1
+            index.resync(worker, [delivery.batch])
+            if worker not in index.stale:
+                self._asked.discard(worker)
+        else:
+            index.apply(worker, delivery.batch)
+
+    async def heal(self) -> None:
+        """Ask a snapshot of every stale worker whose publisher keeps them (once each)."""
+        for worker in [w for w in self.index.stale if w not in self._asked]:
             source = self._workers.get(worker)
             if source is not None and source.sequencer.snapshots_available:
                 self._asked.add(worker)
-                if await self._sub.request_snapshot(source):
+                if await self._feed.request_snapshot(source):
                     self.counters["snapshots_requested"] += 1
-        return applied
 
-    def _take_notices(self) -> None:
-        notices = self._notices
-        while notices:
-            notice = notices.popleft()
-            worker = self._by_source.get(notice.source)
-            if worker is None or notice.kind != "history_lost":
-                continue
-            source = self._workers.get(worker)
-            with_snapshots = source is not None and source.sequencer.snapshots_available
-            if not with_snapshots:
-                self.counters["lost_and_cleared"] += 1
-                self.index.clear_worker(worker)
-            self.index.mark_stale(worker, f"history lost: {notice.detail.get('reason')}")
+    def mark_all_stale(self, reason: str) -> None:
+        """The feed failed: nothing this index holds can be vouched for until healed."""
+        for worker in self._workers:
+            self.index.mark_stale(worker, reason)
+        self._asked.clear()
+
+    def take_notice(self, notice: Notice) -> None:
+        """A subscriber notice about one of this index's sources (the feed calls this)."""
+        worker = self._by_source.get(notice.source)
+        if worker is None or notice.kind != "history_lost":
+            return
+        source = self._workers.get(worker)
+        with_snapshots = source is not None and source.sequencer.snapshots_available
+        if not with_snapshots:
+            self.counters["lost_and_cleared"] += 1
+            self.index.clear_worker(worker)
+        self.index.mark_stale(worker, f"history lost: {notice.detail.get('reason')}")
 
     async def run(self) -> None:
-        """Apply the streams until `close()`."""
-        while not self._closed:
-            await self.step()
+        """Apply the streams until `close()` (with a shared feed, run the feed instead)."""
+        if not self._own_feed:
+            raise RuntimeError("this index shares a feed: run the feed")
+        await self._feed.run()
 
     # -- queries ----------------------------------------------------------------------
 
@@ -169,9 +213,10 @@ class LiveIndex:
         return self.index.query(tokens, lora_name, cache_salt)
 
     async def close(self) -> None:
-        """Idempotent."""
+        """Idempotent. A shared feed is left to its owner."""
         self._closed = True
-        await self._sub.close()
+        if self._own_feed:
+            await self._feed.close()
 
     async def __aenter__(self) -> LiveIndex:
         return self

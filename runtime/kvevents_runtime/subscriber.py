@@ -159,6 +159,8 @@ class Source:
         self.stale = False
         self.sub: zmq.Socket | None = None
         self.dealer: zmq.Socket | None = None
+        self.topic: bytes | None = b""
+        """The topic read (exactly); None: every topic."""
         self.monitor: zmq.Socket | None = None
         """The SUB's connection events: a lost connection may bring back a new instance."""
 
@@ -181,7 +183,8 @@ class Subscriber:
     """Yields `(seq, batch)` in order per source, repairing gaps by replay. `wire` (the
     frame codecs and decoder) is set by the generated face, `kvevents.Subscriber`.
 
-    `join` says what to do on joining a stream mid-way: "start" replays from seq 0 (as far
+    `topic` is read exactly (ZeroMQ's prefix matches on other topics are dropped and
+    counted); None reads every topic. `join` says what to do on joining a stream mid-way: "start" replays from seq 0 (as far
     back as the publisher's buffer reaches), "first_seen" starts at the first live seq
     received, "none" starts there too and never requests a replay (gaps are reported as
     history lost). `idle_probe`: after that many quiet seconds a source is asked what it
@@ -201,7 +204,7 @@ class Subscriber:
         self,
         endpoint: str | None = None,
         replay_endpoint: str | None = None,
-        topic: str = "",
+        topic: str | None = "",
         *,
         sources: list[tuple[str, str | None]] | None = None,
         join: JoinPolicy = "start",
@@ -225,7 +228,7 @@ class Subscriber:
             pairs.insert(0, (endpoint, replay_endpoint))
         if not pairs and sources is None:
             raise ValueError("give an endpoint or sources (sources=[] to add them later)")
-        self._topic = topic.encode("utf-8")
+        self._topic = None if topic is None else topic.encode("utf-8")
         self._join = join
         self._max_buffered = max_buffered
         self._replay_timeout = replay_timeout
@@ -267,8 +270,11 @@ class Subscriber:
         """The sources followed now, by index (a removed source's index is not reused)."""
         return list(self._sources.values())
 
-    def add_source(self, endpoint: str, replay_endpoint: str | None = None) -> Source:
-        """Follow one more publisher (e.g. another DP rank)."""
+    def add_source(
+        self, endpoint: str, replay_endpoint: str | None = None, topic: str | None | bytes = b""
+    ) -> Source:
+        """Follow one more publisher (e.g. another DP rank). `topic`: the subscriber's own
+        unless given; a string reads that topic only, None every topic."""
         sequencer = Sequencer(
             self._join,
             replay_endpoint is not None,
@@ -277,6 +283,10 @@ class Subscriber:
             self._max_snapshot_bytes,
         )
         source = Source(self._next_index, endpoint, replay_endpoint, sequencer)
+        if topic == b"":
+            source.topic = self._topic
+        else:
+            source.topic = topic.encode() if isinstance(topic, str) else topic
         self._next_index += 1
         sub = self._ctx.socket(zmq.SUB)
         source.sub = sub
@@ -286,7 +296,7 @@ class Subscriber:
             sub.setsockopt(zmq.RCVHWM, self._rcvhwm)
             if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://::"):
                 sub.setsockopt(zmq.IPV6, 1)
-            sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+            sub.setsockopt(zmq.SUBSCRIBE, source.topic or b"")
             self._owners[sub] = (source, "live")
             self._poller.register(sub, zmq.POLLIN)
             if replay_endpoint is not None:
@@ -406,7 +416,7 @@ class Subscriber:
         from_bytes = int.from_bytes
         decode = self._decode
         append = out.append
-        topic = self._topic
+        topic = source.topic
         end_seq = self._end_seq
         sequencer = source.sequencer
         take = sequencer.take
@@ -436,7 +446,7 @@ class Subscriber:
                         recv()
                     self._malformed(source, "live message of more than 3 frames")
                     continue
-                if (first.bytes != topic) if topic else len(first):
+                if topic is not None and ((first.bytes != topic) if topic else len(first)):
                     self.stats["other_topic"] += 1  # a ZeroMQ prefix match on another topic
                     continue
                 if len(second) != seq_size:

@@ -1,0 +1,121 @@
+"""One subscriber, one poll, for every `LiveIndex` of a process.
+
+A router with many models keeps one index per model; giving each its own subscriber meant a
+polling thread per model that never went away (200 models: 209 threads, 0.95 of a core
+idle). The feed owns the one asyncio subscriber, polls it, and hands each delivery and
+notice to the index that registered its source. A failure while applying is contained to the
+index and worker it concerns (LiveIndex logs, counts and marks it stale); a failure of the
+poll itself is counted here, logged with its traceback, and retried after a pause, and
+`failing` says so until a poll succeeds again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .subscriber import Notice
+
+if TYPE_CHECKING:
+    from .liveindex import LiveIndex
+
+logger = logging.getLogger("kvevents.index")
+
+RETRY_PAUSE = (0.05, 2.0)
+"""The pause after a failed poll, doubling from the first to at most the second (seconds)."""
+
+
+class IndexFeed:
+    """`await feed.run()` as one task; indexes made with `LiveIndex(feed=feed)` share it."""
+
+    subscriber_class: Any
+    """The asyncio subscriber bound to a wire, set by the generated face (kvevents.index)."""
+
+    def __init__(self, **subscriber_options: Any) -> None:
+        self._notices: deque[Notice] = deque()
+        options = {"idle_probe": 1.0, "stale_after": 10.0, **subscriber_options}
+        options["on_notice"] = self._notices.append  # runs on the subscriber's thread
+        self._sub = self.subscriber_class(sources=[], **options)
+        self._owners: dict[int, LiveIndex] = {}
+        """subscriber source index -> the index that registered it."""
+        self._closed = False
+        self.poll_failures = 0
+        self.last_failure: str | None = None
+        self.failing_since: float | None = None
+        """Monotonic time of the first of the failed polls in a row, or None."""
+
+    @property
+    def subscriber(self) -> Any:
+        return self._sub
+
+    @property
+    def failing(self) -> bool:
+        return self.failing_since is not None
+
+    async def add_source(
+        self, owner: LiveIndex, endpoint: str, replay_endpoint: str | None, topic: str | None
+    ) -> Any:
+        source = await self._sub.add_source(endpoint, replay_endpoint, topic=topic)
+        self._owners[source.index] = owner
+        return source
+
+    async def remove_source(self, source: Any) -> None:
+        self._owners.pop(source.index, None)
+        await self._sub.remove_source(source)
+
+    async def request_snapshot(self, source: Any) -> bool:
+        return bool(await self._sub.request_snapshot(source))
+
+    async def step(self, timeout: float = 0.05) -> int:
+        """One poll, handed out; returns the batches applied."""
+        deliveries = await self._sub.poll(timeout, 256)
+        owners = self._owners
+        notices = self._notices
+        while notices:
+            notice = notices.popleft()
+            owner = owners.get(notice.source)
+            if owner is not None:
+                owner.take_notice(notice)
+        by_owner: dict[int, tuple[LiveIndex, list[Any]]] = {}
+        for delivery in deliveries:
+            owner = owners.get(delivery.source)
+            if owner is not None:  # None: unregistered while its batches were in flight
+                by_owner.setdefault(id(owner), (owner, []))[1].append(delivery)
+        applied = 0
+        for owner, batch in by_owner.values():
+            applied += owner.take_deliveries(batch)
+        for owner in {id(o): o for o in owners.values()}.values():
+            await owner.heal()
+        return applied
+
+    async def run(self) -> None:
+        """Poll until `close()`. A failed poll is logged, counted and retried after a pause."""
+        pause = RETRY_PAUSE[0]
+        while not self._closed:
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._closed:
+                    return  # the subscriber was closed under a poll
+                self.poll_failures += 1
+                self.last_failure = f"{type(exc).__name__}: {exc}"
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                logger.exception("kvevents index: a poll of the subscriber failed; retrying")
+                for owner in {id(o): o for o in self._owners.values()}.values():
+                    owner.mark_all_stale(f"the feed failed: {self.last_failure}")
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RETRY_PAUSE[1])
+                continue
+            pause = RETRY_PAUSE[0]
+            self.failing_since = None
+
+    async def close(self) -> None:
+        """Idempotent."""
+        self._closed = True
+        await self._sub.close()

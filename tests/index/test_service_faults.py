@@ -1,0 +1,238 @@
+"""`kvevents index` under faults: a failure is never silent (logged, counted, stale in the
+answers, healed, or reported by /health); one poll for every model; topics; bounds and
+errors on every request. Real HTTP and real ZeroMQ throughout; faults are injected into
+kvevents' own code only (a defect is what they stand for)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from kvevents import vllm
+from kvevents_runtime.prefix import PrefixIndex
+from tests.index.test_service import BS, Server, chain, publish, score, stored
+from tests.support import wait_until
+
+pytest.importorskip("uvicorn", reason="the index service needs kvevents[index]")
+from kvevents_apps.indexd import IndexService  # noqa: E402
+
+LOOPBACK = "tcp://127.0.0.1:0"
+
+
+@pytest.fixture
+def start():
+    made: list[Server] = []
+
+    def start(**options: Any) -> Server:
+        server = Server(IndexService(subscriber_options={"idle_probe": 0.2}, **options))
+        made.append(server)
+        return server
+
+    yield start
+    for server in made:
+        server.close()
+
+
+def register(server: Server, worker: int, pub: Any, model: str = "m", **extra: Any) -> int:
+    body = {
+        "instance_id": worker,
+        "endpoint": pub.connect_endpoint,
+        "replay_endpoint": pub.connect_replay_endpoint,
+        "model_name": model,
+        "block_size": BS,
+        **extra,
+    }
+    return server.call("POST", "/register", body)[0]
+
+
+def test_a_batch_that_cannot_be_applied_is_logged_counted_stale_and_healed(
+    start, publishers, monkeypatch, caplog
+) -> None:
+    """The old feeder task ended on any exception but RuntimeError (and on that one, quietly):
+    the service went on answering from frozen state, `stale: false`, /health 200."""
+    server = start()
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64, snapshots=True)
+    publishers.append(pub)
+    rng = random.Random(1)
+    tokens, hashes = chain(rng, 3)
+    assert register(server, 1, pub) == 201
+    real_apply = PrefixIndex.apply
+    failures = []
+
+    def apply_failing_once(self: PrefixIndex, worker: Any, batch: Any) -> Any:
+        if not failures:
+            failures.append(worker)
+            raise ValueError("an injected defect")
+        return real_apply(self, worker, batch)
+
+    monkeypatch.setattr(PrefixIndex, "apply", apply_failing_once)
+    caplog.set_level(logging.ERROR, logger="kvevents.index")
+    publish(pub, stored(hashes, tokens))
+    # The worker's one batch failed: it is stale, and the snapshot it asks for heals it.
+    assert wait_until(lambda: score(server, tokens) == {"1": {"0": 3 * BS}}, 10)
+    assert failures == [(1, 0)]
+    assert any("not applied" in r.message and r.exc_info for r in caplog.records)
+    status, metrics = server.call("GET", "/metrics")
+    labels = 'model_name="m",routing_group="default"} 1.0'
+    assert f'kind="apply_failures",{labels}' in metrics, metrics
+    assert f'kind="snapshots",{labels}' in metrics, metrics
+    assert server.call("GET", "/health") == (200, {"status": "ok"})
+    # The feed is alive: later batches are applied.
+    more, more_hashes = chain(rng, 2)
+    publish(pub, stored(more_hashes, more))
+    assert wait_until(lambda: score(server, more) == {"1": {"0": 2 * BS}}, 10)
+
+
+def test_a_feed_whose_polls_keep_failing_is_reported_by_health(start, publishers) -> None:
+    server = start(unhealthy_after=0.5)
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64)
+    publishers.append(pub)
+    tokens, hashes = chain(random.Random(2), 2)
+    assert register(server, 1, pub) == 201
+    publish(pub, stored(hashes, tokens))
+    assert wait_until(lambda: score(server, tokens) == {"1": {"0": 2 * BS}}, 10)
+    feed = server.server.config.app.feed
+    real_poll = feed.subscriber.poll
+    broken = threading.Event()
+    broken.set()
+
+    async def poll(*args: Any) -> Any:
+        if broken.is_set():
+            raise OSError("an injected failure of the poll")
+        return await real_poll(*args)
+
+    feed.subscriber.poll = poll
+    assert wait_until(lambda: server.call("GET", "/health")[0] == 503, 10)
+    status, answer = server.call("GET", "/health")
+    assert answer["status"] == "unhealthy" and "injected failure" in answer["reason"], answer
+    # Every answer now says the worker cannot be vouched for.
+    status, body = server.call("POST", "/query", {"token_ids": tokens, "model_name": "m"})
+    assert body["scores"] == {} and body["stale"] == {"1": {"0": 2 * BS}}, body
+    status, metrics = server.call("GET", "/metrics")
+    assert "kvevents_index_healthy 0.0" in metrics
+    broken.clear()
+    assert wait_until(lambda: server.call("GET", "/health")[0] == 200, 10)
+
+
+def test_one_poll_feeds_every_model(start, publishers) -> None:
+    """Each new model used to add a polling thread that never went away."""
+    server = start()
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64)
+    publishers.append(pub)
+    assert register(server, 0, pub, model="model-0") == 201
+    before = threading.active_count()
+    for number in range(1, 40):
+        assert register(server, number, pub, model=f"model-{number}") == 201
+    assert threading.active_count() - before <= 1
+    tokens, hashes = chain(random.Random(3), 1)
+    publish(pub, stored(hashes, tokens))
+
+    def every_model_has_it() -> bool:
+        return all(
+            server.call("POST", "/query", {"token_ids": tokens, "model_name": f"model-{n}"})[1][
+                "scores"
+            ]
+            == {str(n): {"0": BS}}
+            for n in range(40)
+        )
+
+    assert wait_until(every_model_has_it, 15)
+
+
+def test_register_without_a_topic_reads_every_topic(start, publishers) -> None:
+    """Dynamo's /register has no topic and its indexer reads every topic; an engine set up
+    with topic "kv-events" was never indexed while it kept publishing (its batches were
+    dropped as another topic, and a source that keeps talking is never probed). An explicit
+    topic reads that topic."""
+    server = start()
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64, topic="kv-events")
+    publishers.append(pub)
+    assert register(server, 1, pub) == 201
+    assert register(server, 2, pub, topic="kv-events") == 201
+    rng = random.Random(4)
+    tokens, hashes = chain(rng, 2)
+    stop = threading.Event()
+
+    def keep_publishing() -> None:
+        publish(pub, stored(hashes, tokens))
+        while not stop.wait(0.02):
+            more, more_hashes = chain(rng, 1)
+            publish(pub, stored(more_hashes, more))
+
+    feeder = threading.Thread(target=keep_publishing)
+    feeder.start()
+    try:
+        want = {"1": {"0": 2 * BS}, "2": {"0": 2 * BS}}
+        assert wait_until(lambda: score(server, tokens) == want, 3), score(server, tokens)
+    finally:
+        stop.set()
+        feeder.join(5)
+
+
+def test_every_request_is_bounded_and_every_error_is_json(start) -> None:
+    server = start(body_timeout=0.5)
+    endpoint = "tcp://127.0.0.1:1"
+    base = {"endpoint": endpoint, "model_name": "m", "block_size": BS}
+    status, answer = server.call("POST", "/register", {**base, "instance_id": 1 << 64})
+    assert status == 422 and "2^64" in answer["error"]
+    status, answer = server.call(
+        "POST", "/register", {**base, "instance_id": 1, "endpoint": "tcp://" + "a" * 1_000_000}
+    )
+    assert status == 422 and "length" in answer["error"], answer
+    status, answer = server.call(
+        "POST", "/register", {**base, "instance_id": 1, "topic": "t" * 300}
+    )
+    assert status == 422
+    status, answer = server.call("POST", "/query", {"token_ids": [1] * ((1 << 20) + 1)})
+    assert status == 422 and "length" in answer["error"]
+    server.conn.request("DELETE", "/query")
+    response = server.conn.getresponse()
+    response.read()
+    assert response.status == 405 and response.getheader("allow") == "POST"
+    server.conn.request("PUT", "/metrics")
+    response = server.conn.getresponse()
+    response.read()
+    assert response.status == 405 and response.getheader("allow") == "GET"
+    # A body that never finishes arriving is answered 408 once its time is up.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+        raw.sendall(b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        started = time.monotonic()
+        reply = raw.recv(4096)
+        waited = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+    assert b'"error"' in reply and 0.4 < waited < 4, (reply, waited)
+
+
+def test_dump_streams_what_the_index_holds(start, publishers) -> None:
+    server = start()
+    pubs = []
+    rng = random.Random(5)
+    expected = 0
+    for worker in range(3):
+        pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64)
+        publishers.append(pub)
+        pubs.append(pub)
+        assert register(server, worker, pub) == 201
+    for _ in range(20):
+        for pub in pubs:
+            tokens, hashes = chain(rng, 2)
+            publish(pub, stored(hashes, tokens))
+            expected += 2
+
+    def dumped() -> int:
+        status, body = server.call("GET", "/dump")
+        assert status == 200
+        events = body["m:default"]["events"] if body else []
+        return sum(len(e["event"]["data"]["stored"]["blocks"]) for e in events)
+
+    assert wait_until(lambda: dumped() == expected, 10), dumped()
+    status, body = server.call("GET", "/dump")
+    ids = [e["event"]["event_id"] for e in body["m:default"]["events"]]
+    assert ids == list(range(1, len(ids) + 1))
+    assert {e["worker_id"] for e in body["m:default"]["events"]} == {0, 1, 2}

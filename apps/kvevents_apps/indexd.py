@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from kvevents import EndpointError, check_endpoint
+from kvevents import EndpointError, SourceLimitError, check_endpoint
 from kvevents.index import IndexFeed, LiveIndex, Match
 
 logger = logging.getLogger("kvevents.index")
@@ -44,6 +44,8 @@ MAX_QUERY_HASHES = 1 << 16
 MAX_NAME = 256
 """Characters in a model name, routing group or topic."""
 MAX_ENDPOINT = 1024
+MAX_SOURCES = 4096
+"""(worker, dp_rank) sources followed at most; past it /register answers 503."""
 MAX_BODY = 8 * 1024 * 1024
 """Request bodies over 8 MiB (Dynamo's limit) are refused with 413 before they are parsed."""
 U64 = (1 << 64) - 1
@@ -126,6 +128,7 @@ class IndexService:
         workers: list[tuple[int, int, str]] = (),  # type: ignore[assignment]
         replay: dict[tuple[int, int], str] | None = None,
         subscriber_options: dict[str, Any] | None = None,
+        max_sources: int = MAX_SOURCES,
         max_body: int = MAX_BODY,
         body_timeout: float = BODY_TIMEOUT,
         unhealthy_after: float = UNHEALTHY_AFTER,
@@ -137,6 +140,7 @@ class IndexService:
         self.initial_replay = dict(replay or {})
         self.subscriber_options = dict(subscriber_options or {})
         self.max_body = max_body
+        self.max_sources = max_sources
         self.body_timeout = body_timeout
         self.unhealthy_after = unhealthy_after
         self.indexes: dict[tuple[str, str], LiveIndex] = {}
@@ -158,7 +162,7 @@ class IndexService:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.feed = IndexFeed(**self.subscriber_options)
+        self.feed = IndexFeed(self.max_sources, **self.subscriber_options)
         self._feeder = asyncio.get_running_loop().create_task(self.feed.run())
         for worker_id, dp_rank, endpoint in self.initial:
             replay = self.initial_replay.get((worker_id, dp_rank))
@@ -305,6 +309,8 @@ class IndexService:
             )
         except KeyError as exc:
             raise HttpError(409, exc.args[0]) from None
+        except SourceLimitError as exc:
+            raise HttpError(503, f"cannot follow another source: {exc}") from None
         except (ValueError, OSError) as exc:
             raise HttpError(400, f"invalid ZMQ endpoint: {exc}") from None
         return 201, {"status": "ok"}

@@ -27,6 +27,7 @@ from kvevents_runtime.errors import (
     EndpointError,
     FrameError,
     KVEventsError,
+    SourceLimitError,
 )
 
 from .codec import DIALECTS, DROPPED_FIELDS, MAX_EVENT_ERRORS, decode, encode, project
@@ -102,6 +103,7 @@ __all__ = [
     "Delivery",
     "EncodeError",
     "EndpointError",
+    "SourceLimitError",
     "Event",
     "EventError",
     "FrameError",

@@ -19,3 +19,8 @@ class EncodeError(KVEventsError, ValueError):
 
 class EndpointError(KVEventsError, ValueError):
     """An endpoint cannot be bound or connected (bad form, port in use, ...)."""
+
+
+class SourceLimitError(KVEventsError, RuntimeError):
+    """No more sources can be followed: a limit of the process (open files, ZeroMQ sockets)
+    is reached; the message names it."""

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+import zmq
+
+from .errors import SourceLimitError
 from .subscriber import Notice
 
 if TYPE_CHECKING:
@@ -24,6 +28,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("kvevents.index")
 
+MAX_SOURCES = 4096
+"""Sources one feed follows by default (Dynamo's scale test: 2,048 workers on one router)."""
+SOCKETS_PER_SOURCE = 4
+"""SUB, DEALER, and the SUB's monitor (a PAIR at each end)."""
+FILES_PER_SOURCE = 6
+"""A mailbox per socket and a TCP connection each for the SUB and the DEALER."""
 RETRY_PAUSE = (0.05, 2.0)
 """The pause after a failed poll, doubling from the first to at most the second (seconds)."""
 
@@ -34,10 +44,17 @@ class IndexFeed:
     subscriber_class: Any
     """The asyncio subscriber bound to a wire, set by the generated face (kvevents.index)."""
 
-    def __init__(self, **subscriber_options: Any) -> None:
+    def __init__(self, max_sources: int = MAX_SOURCES, **subscriber_options: Any) -> None:
+        self.max_sources = max_sources
         self._notices: deque[Notice] = deque()
         options = {"idle_probe": 1.0, "stale_after": 10.0, **subscriber_options}
         options["on_notice"] = self._notices.append  # runs on the subscriber's thread
+        self._context: zmq.Context[Any] | None = None
+        if "context" not in options:
+            # Its own context: the process-wide one allows 1,023 sockets, about 255 sources.
+            self._context = options["context"] = zmq.Context()
+            self._context.max_sockets = SOCKETS_PER_SOURCE * max_sources + 64
+            _raise_open_file_limit(FILES_PER_SOURCE * max_sources + 1024)
         self._sub = self.subscriber_class(sources=[], **options)
         self._owners: dict[int, LiveIndex] = {}
         """subscriber source index -> the index that registered it."""
@@ -58,6 +75,8 @@ class IndexFeed:
     async def add_source(
         self, owner: LiveIndex, endpoint: str, replay_endpoint: str | None, topic: str | None
     ) -> Any:
+        if len(self._owners) >= self.max_sources:
+            raise SourceLimitError(f"max_sources {self.max_sources} reached")
         source = await self._sub.add_source(endpoint, replay_endpoint, topic=topic)
         self._owners[source.index] = owner
         return source
@@ -119,3 +138,18 @@ class IndexFeed:
         """Idempotent."""
         self._closed = True
         await self._sub.close()
+        if self._context is not None:
+            self._context.term()  # every socket is closed; lingers are 100 ms at most
+            self._context = None
+
+
+def _raise_open_file_limit(wanted: int) -> None:
+    """Lift the soft open-file limit toward `wanted`, within the hard one (many systems
+    start processes at a soft 1,024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            logger.warning("kvevents index: cannot raise the open-file limit to %d", target)

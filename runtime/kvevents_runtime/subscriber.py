@@ -25,7 +25,9 @@ notices and requests. Notices:
 
 from __future__ import annotations
 
+import errno
 import logging
+import resource
 import time
 import uuid
 from collections import deque
@@ -38,7 +40,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .closing import close_socket
 from .endpoints import attach
-from .errors import DecodeError, FrameError
+from .errors import DecodeError, FrameError, SourceLimitError
 from .sequencer import (
     Actions,
     Counted,
@@ -288,10 +290,9 @@ class Subscriber:
         else:
             source.topic = topic.encode() if isinstance(topic, str) else topic
         self._next_index += 1
-        sub = self._ctx.socket(zmq.SUB)
-        source.sub = sub
         self._sources[source.index] = source
         try:
+            sub = source.sub = self._socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.RCVHWM, self._rcvhwm)
             if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://::"):
@@ -302,9 +303,13 @@ class Subscriber:
             if replay_endpoint is not None:
                 # A unique address: pyzmq's default names it by file descriptor, which a new
                 # socket can reuse while the old monitor's endpoint is still bound.
-                monitor = sub.get_monitor_socket(
-                    zmq.EVENT_DISCONNECTED, addr=f"inproc://kvevents-monitor-{uuid.uuid4().hex}"
-                )
+                try:
+                    monitor = sub.get_monitor_socket(
+                        zmq.EVENT_DISCONNECTED,
+                        addr=f"inproc://kvevents-monitor-{uuid.uuid4().hex}",
+                    )
+                except zmq.ZMQError as exc:
+                    raise self._limit_error(exc) from None
                 source.monitor = monitor
                 self._owners[monitor] = (source, "monitor")
                 self._poller.register(monitor, zmq.POLLIN)
@@ -341,8 +346,25 @@ class Subscriber:
         self._act(found, actions, self._unread)  # type: ignore[arg-type]
         return True
 
+    def _socket(self, kind: int) -> zmq.Socket:
+        """A new socket, or SourceLimitError naming the limit that refused it."""
+        try:
+            return self._ctx.socket(kind)
+        except zmq.ZMQError as exc:
+            raise self._limit_error(exc) from None
+
+    def _limit_error(self, exc: zmq.ZMQError) -> Exception:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            return exc
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return SourceLimitError(
+            f"cannot open another ZeroMQ socket with {len(self._sources) - 1} sources "
+            f"followed ({exc}; this context allows {self._ctx.get(zmq.MAX_SOCKETS)} "
+            f"sockets, the process {limit} open files; a source takes up to 4 sockets)"
+        )
+
     def _open_dealer(self, source: Source) -> None:
-        dealer = self._ctx.socket(zmq.DEALER)
+        dealer = self._socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.RCVHWM, 0)
         source.dealer = dealer

@@ -43,8 +43,14 @@ class Server:
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        self.conn.request(method, path, body=data)
-        response = self.conn.getresponse()
+        try:
+            self.conn.request(method, path, body=data)
+            response = self.conn.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # The server closed an idle keep-alive connection (5 s): a client reconnects.
+            self.conn.close()
+            self.conn.request(method, path, body=data)
+            response = self.conn.getresponse()
         raw = response.read()
         ctype = response.getheader("content-type", "")
         return response.status, json.loads(raw) if "json" in ctype else raw.decode()

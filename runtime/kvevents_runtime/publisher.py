@@ -404,6 +404,7 @@ class ZmqPublisherCore:
         counters = {
             "published": self._published,
             "next_seq": self._next_seq,
+            "oldest_seq": replay.oldest(self._next_seq),
             "queue_depth": len(self._queue),
             "dropped_queue_full": self._dropped_queue_full,
             "dropped_oldest": self._dropped_oldest,
@@ -419,6 +420,8 @@ class ZmqPublisherCore:
             "replayed_batches": replay.replayed,
             "snapshot_requests": replay.snapshot_requests,
             "snapshot_batches": replay.snapshot_batches,
+            "snapshot_cuts": replay.snapshot_cuts,
+            "sessions_stalled": replay.stalled,
         }
         if replay.blocks is not None:  # only a publisher with snapshots keeps the block set
             counters["live_blocks"] = len(replay.blocks)

@@ -10,13 +10,18 @@ on a later round, so no entry and no END marker is ever silently dropped (sglang
 
 With snapshots on, a snapshot request is answered from a copy of the live block set taken
 when the request is read (so it is consistent as of the newest seq published then), rebuilt
-and encoded a batch at a time between live chunks, then END.
+and encoded a batch at a time between live chunks, then END. Every peer that asks while no
+new seq was published shares that copy (a cut): 300 peers asking at once cost one copy, not
+300. Snapshots and replays are served in the same rounds, so a peer that asks for a snapshot
+and never reads holds up no one; a session that makes no progress for `STALL_SECONDS` is
+dropped (counted in `stalled`), which frees its share of the cut.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterator
 from typing import Any, cast
@@ -33,18 +38,34 @@ from .wire import RingEntry, Wire
 logger = logging.getLogger("kvevents.publisher")
 
 
-class _SnapshotSession:
-    """One snapshot in flight: its rebuilt batches, and the frames a full peer did not take."""
+class _Cut:
+    """The block set as of one seq, rebuilt and encoded a batch at a time as the furthest
+    session needs it, and shared by every session that asked for it."""
 
-    __slots__ = ("batches", "ending", "frames", "identity", "seq")
+    __slots__ = ("batches", "done", "next_seq", "payloads", "seq")
 
-    def __init__(self, identity: bytes, batches: Iterator[list[Any]], seq: bytes) -> None:
-        self.identity = identity
+    def __init__(self, batches: Iterator[list[Any]], next_seq: int, seq: bytes) -> None:
         self.batches = batches
+        self.next_seq = next_seq
         self.seq = seq
+        self.payloads: list[bytes] = []
+        self.done = False
+
+
+class _SnapshotSession:
+    """One peer's snapshot in flight: how far into its cut it is, and the frames a full peer
+    did not take."""
+
+    __slots__ = ("cut", "ending", "frames", "identity", "position", "progressed")
+
+    def __init__(self, identity: bytes, cut: _Cut) -> None:
+        self.identity = identity
+        self.cut = cut
+        self.position = 0
         self.frames: tuple[bytes, ...] | None = None
         self.ending = False
         """Every batch was taken; `frames` is the END marker."""
+        self.progressed = time.monotonic()
 
 
 class ReplayService:
@@ -54,6 +75,8 @@ class ReplayService:
     """Replays in flight at once; each peer (DEALER identity) has at most one."""
     SNAPSHOT_CHUNK = 16
     """Snapshot batches (of up to 1024 blocks each) sent between two live chunks."""
+    STALL_SECONDS = 30.0
+    """A snapshot session whose peer takes nothing for this long is dropped."""
     MAX_REQUEST_BYTES = 1024
     """ZMQ_MAXMSGSIZE of the ROUTER: a peer sending a larger frame is disconnected."""
 
@@ -78,6 +101,10 @@ class ReplayService:
         self.snapshots: deque[_SnapshotSession] = deque()
         self.snapshot_requests = 0
         self.snapshot_batches = 0
+        self.snapshot_cuts = 0
+        """Copies of the block set taken (sessions asking at the same seq share one)."""
+        self.stalled = 0
+        self._cut: _Cut | None = None
         self.instance = os.urandom(16)
         """Drawn at start: an info reply with another instance tells a subscriber of a restart."""
         self._dialect = dialect
@@ -198,16 +225,21 @@ class ReplayService:
     def _start_snapshot(self, identity: bytes, next_seq: int) -> None:
         """The info header just sent says next_seq; the snapshot is as of the seq before it.
         A publisher without snapshots answers with the header and END: nothing to rebuild."""
-        batches = iter(()) if self.blocks is None else self.blocks.freeze()
-        seq_frame = self._wire.seq_bytes(max(next_seq - 1, 0))
-        self.snapshots.append(_SnapshotSession(identity, batches, seq_frame))
+        cut = self._cut
+        if cut is None or cut.next_seq != next_seq:
+            batches = iter(()) if self.blocks is None else self.blocks.freeze()
+            cut = _Cut(batches, next_seq, self._wire.seq_bytes(max(next_seq - 1, 0)))
+            self.snapshot_cuts += 1
+            self._cut = cut
+        self.snapshots.append(_SnapshotSession(identity, cut))
 
     def serve(self, next_seq: int) -> bool:
         """One chunk across the open sessions; True when anything was sent. An idle
         publisher comes straight back for the next chunk instead of waiting out its idle
         poll, and waits only when every peer is full."""
-        if self.snapshots:
-            return self._serve_snapshots()
+        served = self._serve_snapshots() if self.snapshots else False
+        if not self.sessions:
+            return served
         sent, gone = self._send_chunk(
             self.sessions,
             self.ring,
@@ -219,34 +251,50 @@ class ReplayService:
         )
         self.replayed += sent
         self.unreachable += gone
-        return sent > 0
+        return served or sent > 0
+
+    def _payload(self, cut: _Cut, position: int) -> bytes | None:
+        """The cut's batch at `position`, encoded once for every session; None past its end."""
+        payloads = cut.payloads
+        while len(payloads) <= position and not cut.done:
+            events = next(cut.batches, None)
+            if events is None:
+                cut.done = True
+                break
+            assert self.blocks is not None
+            payloads.append(self._encode(self.blocks.shape.make_batch(events, self._rank)))
+        return payloads[position] if position < len(payloads) else None
 
     def _serve_snapshots(self) -> bool:
-        """Up to `SNAPSHOT_CHUNK` snapshot batches across the snapshot sessions, round-robin;
-        replays wait behind them (a snapshot is asked for when history is already lost)."""
+        """Up to `SNAPSHOT_CHUNK` snapshot batches across the snapshot sessions, round-robin."""
         assert self.socket is not None
         pack_reply = self._wire.pack_reply
         pack_end = self._wire.pack_end
-        encode = self._encode
         sent = 0
+        now = time.monotonic()
         for _ in range(len(self.snapshots)):
             session = self.snapshots.popleft()
             finished = False
             while sent < self.SNAPSHOT_CHUNK:
                 if session.frames is None:
-                    events = next(session.batches, None)
-                    if events is None:
+                    payload = self._payload(session.cut, session.position)
+                    if payload is None:
                         session.frames = pack_end(session.identity, self.with_topic)
                         session.ending = True
                     else:
-                        assert self.blocks is not None
-                        payload = encode(self.blocks.shape.make_batch(events, self._rank))
                         session.frames = pack_reply(
-                            session.identity, self._topic, session.seq, payload, self.with_topic
+                            session.identity,
+                            self._topic,
+                            session.cut.seq,
+                            payload,
+                            self.with_topic,
                         )
                 try:
                     self.socket.send_multipart(session.frames, zmq.NOBLOCK)
                 except zmq.Again:
+                    if now - session.progressed > self.STALL_SECONDS:
+                        self.stalled += 1  # a peer that never reads: give its share back
+                        finished = True
                     break  # the peer is full: resume on a later round
                 except zmq.ZMQError:
                     self.unreachable += 1  # the peer is gone
@@ -254,12 +302,16 @@ class ReplayService:
                     break
                 sent += 1
                 session.frames = None
+                session.position += 1
+                session.progressed = now
                 if session.ending:
                     finished = True
                     break
                 self.snapshot_batches += 1
             if not finished:
                 self.snapshots.append(session)
+        if self._cut is not None and not any(s.cut is self._cut for s in self.snapshots):
+            self._cut = None  # no session holds it: the copy is freed
         return sent > 0
 
     def close(self) -> None:

@@ -329,3 +329,96 @@ def test_a_snapshot_larger_than_one_publisher_round_heals_under_live_traffic(pub
         stats = dict(sub.stats)
     assert consumer.snapshots == 1 and stats["snapshots_requested"] == 1, stats
     assert live_state(consumer.state) == truth_of(everything), stats
+
+
+def big_state(publisher: Any, batches: int = 60) -> list[vllm.KVEventBatch]:
+    """`batches` x 1,000 blocks: a snapshot of many publisher rounds."""
+    out = []
+    for n in range(batches):
+        hashes = list(range(n * 1000, (n + 1) * 1000))
+        stored = vllm.BlockStored(
+            block_hashes=hashes,
+            parent_block_hash=None,
+            token_ids=[h % 50_000 for h in hashes for _ in range(BLOCK)],
+            block_size=BLOCK,
+            lora_id=None,
+            medium="GPU",
+            lora_name=None,
+        )
+        out.append(vllm.KVEventBatch(ts=float(n), events=[stored]))
+    for b in out:
+        publisher.publish(b)
+    assert wait_until(lambda: publisher.counters()["next_seq"] >= len(out), 20)
+    return out
+
+
+def test_peers_asking_at_the_same_seq_share_one_copy_of_the_block_set(publishers) -> None:
+    """300 peers each asking once used to hold 256 frozen copies (+1.77 GB). A peer that
+    never reads keeps the cut open here, so every later request at the same seq meets it."""
+    import zmq
+
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8, snapshots=True)
+    publishers.append(pub)
+    big_state(pub, 40)
+    context = zmq.Context()
+    request = Subscriber.wire.pack_snapshot_request(0)
+    parse = Subscriber.wire.parse_replay_reply
+    peers = []
+    try:
+        for number in range(13):
+            peer = context.socket(zmq.DEALER)
+            if number == 0:
+                peer.setsockopt(zmq.RCVHWM, 1)
+                peer.setsockopt(zmq.RCVBUF, 4096)
+            peer.connect(pub.connect_replay_endpoint)  # type: ignore[arg-type]
+            peer.send_multipart(request)
+            peers.append(peer)
+            if number == 0:
+                assert wait_until(lambda: pub.counters()["snapshot_requests"] == 1, 10)
+        parts = []
+        for peer in peers[1:]:
+            count = 0
+            while True:
+                assert peer.poll(10_000), "a snapshot stopped before its END"
+                item = parse(peer.recv_multipart())
+                if item.is_end:
+                    break
+                count += 0 if item.is_info else 1
+            parts.append(count)
+    finally:
+        for peer in peers:
+            peer.close(linger=0)
+        context.term()
+    counters = pub.counters()
+    assert counters["snapshot_requests"] == 13 and counters["snapshot_cuts"] == 1, counters
+    assert len(set(parts)) == 1 and parts[0] >= 40, parts
+
+
+def test_a_peer_that_asks_for_a_snapshot_and_never_reads_holds_up_no_replay(publishers) -> None:
+    """It used to stop every other replay: snapshots were served first, and its session never
+    ended (a 10-seq replay got no END in 10 s)."""
+    import zmq
+
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8, snapshots=True)
+    publishers.append(pub)
+    batches = big_state(pub, 150)  # a snapshot of ~5 MB: more than the hog's pipe and buffers
+    context = zmq.Context()
+    hog = context.socket(zmq.DEALER)
+    hog.setsockopt(zmq.RCVHWM, 1)
+    hog.setsockopt(zmq.RCVBUF, 4096)
+    hog.connect(pub.connect_replay_endpoint)  # type: ignore[arg-type]
+    try:
+        hog.send_multipart(Subscriber.wire.pack_snapshot_request(0))
+        assert wait_until(lambda: pub.counters()["snapshot_requests"] == 1, 10)
+        time.sleep(0.5)  # its session is now stuck on a full pipe
+        consumer = Consumer()
+        with Subscriber(pub.connect_endpoint, pub.connect_replay_endpoint) as sub:  # type: ignore[arg-type]
+            # The joiner's replay (the last 8 batches) and then its own snapshot are served
+            # beside the hog's stuck session: healed well within one replay timeout (2 s x 3).
+            drive(sub, consumer, lambda: live_state(consumer.state) == truth_of(batches), 5)
+            stats = dict(sub.stats)
+        assert live_state(consumer.state) == truth_of(batches), stats
+        assert stats["replay_retries"] == 0 and stats["snapshots"] == 1, stats
+    finally:
+        hog.close(linger=0)
+        context.term()

@@ -366,13 +366,16 @@ class IndexService:
                         "listeners": {},
                     },
                 )
-                stale = (worker_id, dp_rank) in live.index.stale
+                status, silent_for = _liveness(live, (worker_id, dp_rank))
                 entry["endpoints"][str(dp_rank)] = endpoint
                 entry["listeners"][str(dp_rank)] = {
                     "endpoint": endpoint,
                     "replay_endpoint": replay,
-                    "status": "stale" if stale else "active",
+                    "status": status,
+                    "last_message_seconds_ago": silent_for,
                 }
+                if status != "active":
+                    entry["status"] = status
         return 200, list(out.values())
 
     async def dump(self, body: bytes, scope: Scope) -> tuple[int, Any]:
@@ -449,12 +452,30 @@ class IndexService:
                 workers = GaugeMetricFamily(
                     "kvevents_index_workers", "Registered (worker, dp_rank) pairs", labels=labels
                 )
+                silence = GaugeMetricFamily(
+                    "kvevents_index_worker_silence_seconds",
+                    "Seconds since a worker's last message (-1: never heard from)",
+                    labels=[*labels, "worker_id", "dp_rank"],
+                )
+                limits = GaugeMetricFamily(
+                    "kvevents_index_limit", "Configured limits of the service", labels=["name"]
+                )
+                limits.add_metric(["max_sources"], service.max_sources)
+                limits.add_metric(["max_body_bytes"], service.max_body)
+                limits.add_metric(["max_connections"], MAX_CONNECTIONS)
+                limits.add_metric(["max_query_tokens"], MAX_QUERY_TOKENS)
                 for (model, group), live in service.indexes.items():
                     for kind, value in {**live.index.counters, **live.counters}.items():
                         counters.add_metric([model, group, kind], value)
                     entries.add_metric([model, group], live.index.entries())
                     stale.add_metric([model, group], len(live.index.stale))
                     workers.add_metric([model, group], len(live.workers))
+                    for worker in live.workers:
+                        _, silent_for = _liveness(live, worker)
+                        silence_value = -1.0 if silent_for is None else silent_for
+                        silence.add_metric(
+                            [model, group, str(worker[0]), str(worker[1])], silence_value
+                        )
                 requests = CounterMetricFamily(
                     "kvevents_index_http_requests",
                     "HTTP requests, and those answered with an error",
@@ -471,11 +492,25 @@ class IndexService:
                     "kvevents_index_healthy", "1 when /health answers 200, else 0"
                 )
                 healthy.add_metric([], 0 if service.trouble() else 1)
-                yield from (counters, entries, stale, workers, requests, failures, healthy)
+                yield from (counters, entries, stale, workers, silence, limits, requests)
+                yield from (failures, healthy)
 
         registry = CollectorRegistry()
         registry.register(Collector())  # type: ignore[arg-type]
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def _liveness(live: LiveIndex, worker: Any) -> tuple[str, float | None]:
+    """What a worker's stream says now: "connecting" (nothing ever arrived), "silent"
+    (nothing for the subscriber's stale_after), "stale" (the index cannot vouch for its
+    entries) or "active"; and the seconds since its last message."""
+    source = live.source(worker)
+    if source is None or not source.heard:
+        return "connecting", None
+    silent_for = round(time.monotonic() - source.last_activity, 3)
+    if worker in live.index.stale:
+        return "stale", silent_for
+    return ("silent" if source.stale else "active"), silent_for
 
 
 def _scores(answer: dict[Any, Match], block_size: int) -> dict[str, Any]:

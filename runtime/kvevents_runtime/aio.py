@@ -31,6 +31,7 @@ class AsyncSubscriber:
         its deliveries go to the next poll instead of nowhere."""
 
     async def _run(self, function: Callable[..., Any], *args: Any) -> Any:
+        self._sub.interrupt()  # a poll waiting on the worker thread makes way at once
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def poll(self, timeout: float | None = 1.0, max_messages: int = 32) -> list[Delivery]:
@@ -98,6 +99,7 @@ class AsyncSubscriber:
         """Idempotent."""
         if self._sub.closed:
             return
+        self._sub.interrupt()  # a poll(None) in progress returns within a tick
         await self._run(self._sub.close)
         self._executor.shutdown(wait=True)
 

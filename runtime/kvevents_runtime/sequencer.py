@@ -114,6 +114,13 @@ class Snapshot(msgspec.Struct, frozen=True, gc=False):
     payloads: list[bytes]
 
 
+class Holding(msgspec.Struct, frozen=True, gc=False):
+    """Live input is held from now until the publisher says who it is (after a reconnect, or
+    a batch under a delivered seq with other bytes): nothing is delivered meanwhile."""
+
+    held: int
+
+
 class Counted(msgspec.Struct, frozen=True, gc=False):
     """Batches that needed no delivery: `duplicates`, `late` (an earlier instance's, after
     its epoch closed) or `ambiguous` (placed in neither instance)."""
@@ -134,6 +141,7 @@ Action = (
     | RequestSnapshot
     | Snapshot
     | SnapshotAbandoned
+    | Holding
     | Counted
 )
 Actions = list[Action]
@@ -713,6 +721,7 @@ class Sequencer:
             return
         self.suspect = True
         self.held = {}
+        out.append(Holding(len(self.pending)))
         if self.outstanding is None:
             self.outstanding = "info"
             out.append(RequestInfo())

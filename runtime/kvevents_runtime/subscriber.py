@@ -15,6 +15,9 @@ notices and requests. Notices:
   undecodable events (the good ones are delivered); ``malformed``: a frame list of the wrong
   shape, a seq that is the END marker, or another topic; dropped and counted.
 - ``overflow``: live batches held during a repair reached `max_buffered`.
+- ``holding``: the live connection was lost (or a batch came under a delivered seq with
+  other bytes): live input is held until the publisher's info answer says whether it
+  restarted; nothing is delivered from the source meanwhile.
 - ``busy``: the publisher refused a replay for now; it is asked again after a pause.
 - ``stale`` / ``alive``: nothing arrived from a source for `stale_after` seconds / it spoke again.
 - ``snapshot_abandoned`` (reason): a snapshot too large or too long was given up; it is
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
 import time
 import uuid
@@ -46,6 +50,7 @@ from .sequencer import (
     Counted,
     Deliver,
     Gap,
+    Holding,
     JoinPolicy,
     Lost,
     Overflow,
@@ -64,6 +69,10 @@ logger = logging.getLogger("kvevents.subscriber")
 
 _NOBLOCK = zmq.NOBLOCK
 _RCVMORE = zmq.RCVMORE
+MAX_REPLY_BYTES = 256 * 1024 * 1024
+"""ZMQ_MAXMSGSIZE of the replay socket: a larger frame drops the connection (then retried)."""
+SWEEP = 0.05
+"""Seconds between two sweeps of every source's clocks (deadlines due sooner still run)."""
 STAT_NAMES = (
     "delivered",
     "gaps",
@@ -87,6 +96,7 @@ STAT_NAMES = (
     "snapshots_requested",
     "snapshots",
     "snapshots_abandoned",
+    "holds",
 )
 
 
@@ -158,6 +168,8 @@ class Source:
         self.resend_at: float | None = None
         """When a refused (busy) request goes out again."""
         self.last_activity = time.monotonic()
+        self.heard = False
+        """Anything at all arrived from the publisher (False: never reached yet)."""
         self.stale = False
         self.sub: zmq.Socket | None = None
         self.dealer: zmq.Socket | None = None
@@ -191,7 +203,9 @@ class Subscriber:
     received, "none" starts there too and never requests a replay (gaps are reported as
     history lost). `idle_probe`: after that many quiet seconds a source is asked what it
     holds, which finds a tail the PUB socket dropped and a restart no live batch revealed
-    (None disables). `max_buffered` bounds the live batches held during a repair;
+    (None disables), at most `max_probes_per_second` across all sources (with thousands of
+    quiet sources each is asked less often, and an idle router's cost stays bounded).
+    `max_buffered` bounds the live batches held during a repair;
     `replay_timeout` and `replay_attempts` bound how long a request may stall;
     `stale_after` is the silence after which a source is reported stale (None disables).
     `heal`: when history is lost and the publisher keeps snapshots, ask for one and deliver
@@ -218,6 +232,7 @@ class Subscriber:
         busy_backoff: float = 0.05,
         heal: bool = True,
         snapshot_timeout: float = 120.0,
+        max_probes_per_second: float = 200.0,
         max_snapshot_bytes: int = 1 << 30,
         on_notice: Callable[[Notice], None] | None = None,
         context: zmq.Context | None = None,
@@ -240,17 +255,32 @@ class Subscriber:
         self._busy_backoff = busy_backoff
         self._heal = heal
         self._snapshot_timeout = snapshot_timeout
+        self._max_probes_per_second = max_probes_per_second
+        self._probe_tokens = max_probes_per_second
+        self._probes_refilled = time.monotonic()
+        self._next_sweep = 0.0
+        self._next_due = 0.0
+        """The earliest request deadline or resend time known (a sweep finds it again)."""
         self._max_snapshot_bytes = max_snapshot_bytes
         self._empty_batch = msgspec.msgpack.encode((0.0, []))
         self._on_notice = on_notice or (lambda n: logger.info("kvevents: %s", n))
         self._ctx = context or zmq.Context.instance()
         self._rcvhwm = rcvhwm
         self._poller = zmq.Poller()
+        # interrupt() writes here: a poll waiting on the sockets wakes at once.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller.register(self._wake_r, zmq.POLLIN)
         self._owners: dict[zmq.Socket, tuple[Source, str]] = {}
         self._sources: dict[int, Source] = {}
         self._next_index = 0
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
         self._closed = False
+        self._interrupted = False
+        clocks = [t / 2 for t in (idle_probe, stale_after) if t is not None]
+        self._tick = min([1.0, *clocks])
+        """The longest a poll waits before it looks at the clocks again (seconds)."""
         self._unread: deque[Delivery] = deque()
         """Deliveries an iteration polled but never handed out (the loop broke or raised):
         the next poll or iteration returns them first, so stopping a loop loses nothing."""
@@ -366,7 +396,10 @@ class Subscriber:
     def _open_dealer(self, source: Source) -> None:
         dealer = self._socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.RCVHWM, 0)
+        # Bounded: a publisher's replay waits (ROUTER_MANDATORY) while this pipe is full, and
+        # a frame larger than any batch drops the connection instead of filling memory.
+        dealer.setsockopt(zmq.RCVHWM, 1000)
+        dealer.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
         source.dealer = dealer
         self._owners[dealer] = (source, "replay")
         self._poller.register(dealer, zmq.POLLIN)
@@ -397,26 +430,66 @@ class Subscriber:
             self._unread.clear()
             return unread
         out: list[Delivery] = []
-        wait_ms = None if timeout is None else int(timeout * 1000)
-        deadline_ms = self._next_deadline_ms()
-        if deadline_ms is not None:
-            wait_ms = deadline_ms if wait_ms is None else min(wait_ms, deadline_ms)
-        ready = self._poller.poll(wait_ms)
-        # Connection events first: a lost connection must be known before what came after it.
-        ready.sort(key=lambda pair: self._owners.get(pair[0], (None, ""))[1] != "monitor")
-        for sock, _ in ready:
-            owner = self._owners.get(sock)
-            if owner is None:
-                continue  # a DEALER replaced earlier in this round
-            source, kind = owner
-            if kind == "replay":
-                self._drain_replay(source, sock, out, max_messages)
-            elif kind == "live":
-                self._drain_live(source, sock, out, max_messages)
-            else:
-                self._drain_monitor(source, out)
-        self._check_clocks(out)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            ready = self._poller.poll(self._wait_ms(deadline))
+            # Connection events first: a lost connection must be known before what came after.
+            ready.sort(key=lambda pair: self._owners.get(pair[0], (None, ""))[1] != "monitor")
+            for sock, _ in ready:
+                owner = self._owners.get(sock)
+                if owner is None:
+                    if sock == self._wake_r:
+                        self._drain_wakeups()
+                    continue  # else a DEALER replaced earlier in this round
+                source, kind = owner
+                if kind == "replay":
+                    self._drain_replay(source, sock, out, max_messages)
+                elif kind == "live":
+                    self._drain_live(source, sock, out, max_messages)
+                else:
+                    self._drain_monitor(source, out)
+            # Clocks run at least every tick, however long the caller waits: a long poll
+            # used to hold back the idle probe and the stale notice.
+            self._check_clocks(out)
+            # Back to the caller once anything arrived (the asyncio face runs other calls,
+            # add_source for one, on this thread between polls).
+            if ready or out or self._interrupted:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        self._interrupted = False
         return out
+
+    def interrupt(self) -> None:
+        """Make a poll in progress return at once (safe from any thread), e.g. so that
+        another call waiting for the subscriber's thread runs now."""
+        self._interrupted = True
+        if self._closed:
+            return  # its pipe is closed (and the number may be another file's by now)
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass  # full (a wakeup is pending anyway) or closed
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except OSError:
+            pass
+
+    def _wait_ms(self, deadline: float | None) -> int:
+        now = time.monotonic()
+        wait = self._tick
+        if deadline is not None:
+            wait = min(wait, max(0.0, deadline - now))
+        wait = min(wait, max(0.0, self._next_due - now))
+        return int(wait * 1000) + (1 if wait > 0 else 0)
+
+    def _due(self, when: float) -> None:
+        """A clock of some source runs out at `when`: the next sweep is no later."""
+        if when < self._next_due:
+            self._next_due = when
 
     def __iter__(self) -> Iterator[Delivery]:
         """Deliveries one at a time until closed. A loop that stops (`break`, an exception,
@@ -544,6 +617,7 @@ class Subscriber:
                     source.resend_at = (
                         time.monotonic() + self._busy_backoff * source.request.attempts
                     )
+                    self._due(source.resend_at)
                     continue
                 # Everything the SUB already holds was published before this answer: the
                 # sequencer must see it first to place it in the right instance.
@@ -617,6 +691,9 @@ class Subscriber:
                         self._send(source, request)
                 case Snapshot(seq, payloads):
                     self._deliver_snapshot(source, seq, payloads, out)
+                case Holding():
+                    stats["holds"] += 1
+                    self._notice("holding", source, until="the publisher says who it is")
                 case Counted(name, count):
                     stats[name] += count
 
@@ -624,10 +701,12 @@ class Subscriber:
         source.request = request
         source.resend_at = time.monotonic() + delay
         request.deadline = source.resend_at + self._replay_timeout
+        self._due(source.resend_at)
 
     def _send(self, source: Source, request: _Request) -> None:
         source.request = request
         source.resend_at = None
+        self._due(request.deadline)
         dealer = source.dealer
         if dealer is None:
             return
@@ -682,15 +761,18 @@ class Subscriber:
 
     # -- clocks: request deadlines, busy pauses, idle probes, liveness --------------------
 
-    def _next_deadline_ms(self) -> int | None:
-        times = [s.request.deadline for s in self._sources.values() if s.request is not None]
-        times += [s.resend_at for s in self._sources.values() if s.resend_at is not None]
-        if not times:
-            return None
-        return max(0, int((min(times) - time.monotonic()) * 1000) + 1)
-
     def _check_clocks(self, out: list[Delivery]) -> None:
+        """Request deadlines, busy pauses, snapshot time, idle probes and liveness. A sweep
+        over every source, so at most every `SWEEP` seconds unless a known deadline is due:
+        with thousands of sources, one per poll cost more than the polls."""
         now = time.monotonic()
+        if now < self._next_sweep and now < self._next_due:
+            return
+        self._next_sweep = now + SWEEP
+        self._next_due = now + self._tick
+        rate = self._max_probes_per_second
+        self._probe_tokens = min(rate, self._probe_tokens + (now - self._probes_refilled) * rate)
+        self._probes_refilled = now
         for source in list(self._sources.values()):
             request = source.request
             if request is not None and source.resend_at is not None and now >= source.resend_at:
@@ -719,18 +801,28 @@ class Subscriber:
                 reason = f"still streaming after {self._snapshot_timeout:g} s"
                 self._act(source, source.sequencer.abandon_snapshot(reason), out)
             quiet = now - source.last_activity
-            if self._idle_probe is not None and source.request is None and quiet > self._idle_probe:
+            if (
+                self._idle_probe is not None
+                and source.request is None
+                and quiet > self._idle_probe
+                and self._probe_tokens >= 1
+            ):
                 probed = source.sequencer.probe()
                 if probed is not None:
+                    self._probe_tokens -= 1
                     source.last_activity = now
                     self._act(source, probed, out)
             if self._stale_after is not None and not source.stale and quiet > self._stale_after:
                 source.stale = True
                 self.stats["stale"] += 1
                 self._notice("stale", source, silent_seconds=round(quiet, 1))
+            request = source.request
+            if request is not None:
+                self._due(request.deadline if source.resend_at is None else source.resend_at)
 
     def _heard(self, source: Source) -> None:
         source.last_activity = time.monotonic()
+        source.heard = True
         if source.stale:
             source.stale = False
             self._notice("alive", source)
@@ -767,6 +859,8 @@ class Subscriber:
         for source in self._sources.values():
             self._close_sockets(source)
         self._owners.clear()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
 
     def _close_sockets(self, source: Source) -> None:
         # The monitor is switched off before its reader closes: the SUB would otherwise go on

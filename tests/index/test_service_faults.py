@@ -236,3 +236,35 @@ def test_dump_streams_what_the_index_holds(start, publishers) -> None:
     ids = [e["event"]["event_id"] for e in body["m:default"]["events"]]
     assert ids == list(range(1, len(ids) + 1))
     assert {e["worker_id"] for e in body["m:default"]["events"]} == {0, 1, 2}
+
+
+def test_workers_show_liveness_from_the_subscriber(start, publishers) -> None:
+    """A worker that never answered (`tcp://no-such-host.invalid:1`) was listed `active`
+    for minutes."""
+    server = start()
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8)
+    publishers.append(pub)
+    assert register(server, 1, pub) == 201
+    body = {
+        "instance_id": 2,
+        "endpoint": "tcp://no-such-host.invalid:1",
+        "model_name": "m",
+        "block_size": BS,
+    }
+    assert server.call("POST", "/register", body)[0] == 201
+    publish(pub, stored(*reversed(chain(random.Random(6), 1))))
+
+    def states() -> dict[int, Any]:
+        status, workers = server.call("GET", "/workers")
+        return {w["instance_id"]: w["listeners"]["0"] for w in workers}
+
+    assert wait_until(lambda: states()[1]["status"] == "active", 10), states()
+    listeners = states()
+    assert (
+        listeners[2]["status"] == "connecting" and listeners[2]["last_message_seconds_ago"] is None
+    )
+    assert listeners[1]["last_message_seconds_ago"] < 5
+    status, metrics = server.call("GET", "/metrics")
+    assert (
+        'worker_id="2"} -1.0' in metrics and 'kvevents_index_limit{name="max_sources"}' in metrics
+    )

@@ -35,6 +35,7 @@ from kvevents_runtime.sequencer import (
     Counted,
     Deliver,
     Gap,
+    Holding,
     Lost,
     Overflow,
     Repaired,
@@ -362,6 +363,7 @@ def check(world: World) -> None:
                     | RequestSnapshot
                     | Overflow
                     | SnapshotAbandoned
+                    | Holding
                     | Counted,
                 ), action
     owners = [epoch_owner[e] for e in sorted(epoch_owner)]

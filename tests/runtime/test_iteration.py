@@ -129,7 +129,12 @@ def test_close_from_another_task_ends_an_async_for_quietly(publishers) -> None:
     publishers.append(publisher)
 
     async def one_round(delay: float) -> None:
-        sub = kvevents.aio.Subscriber(publisher.connect_endpoint, publisher.connect_replay_endpoint)
+        sub = kvevents.aio.Subscriber(
+            publisher.connect_endpoint,
+            publisher.connect_replay_endpoint,
+            idle_probe=None,
+            stale_after=None,
+        )
 
         async def read() -> None:
             async for _ in sub:
@@ -145,3 +150,53 @@ def test_close_from_another_task_ends_an_async_for_quietly(publishers) -> None:
             await one_round(delay)
 
     asyncio.run(main())
+
+
+def test_a_long_poll_still_runs_the_clocks(publishers) -> None:
+    """A long `poll` used to hold back the idle probe and the `stale` notice until it
+    returned: a source that went silent was reported only when the caller's wait ended."""
+    publisher = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK)
+    publishers.append(publisher)
+    publisher.publish(_batch(0))
+    stale_at: list[float] = []
+
+    def on_notice(notice: kvevents.Notice) -> None:
+        if notice.kind == "stale":
+            stale_at.append(time.monotonic())
+
+    with kvevents.Subscriber(
+        publisher.connect_endpoint,
+        publisher.connect_replay_endpoint,
+        idle_probe=None,
+        stale_after=0.5,
+        on_notice=on_notice,
+    ) as sub:
+        deadline = time.monotonic() + 10
+        while sub.stats["delivered"] < 1 and time.monotonic() < deadline:
+            sub.poll(0.1)
+        started = time.monotonic()
+        while time.monotonic() - started < 3:
+            assert sub.poll(4.0) == []  # it may return early on a socket event, never late
+    assert stale_at and stale_at[0] - started < 2.0, (stale_at, started)
+
+
+def test_close_from_another_task_ends_a_poll_that_waits_forever(publishers) -> None:
+    """`await sub.close()` did not return while a `poll(None)` waited on the worker thread."""
+    publisher = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK)
+    publishers.append(publisher)
+
+    async def scenario() -> None:
+        sub = kvevents.aio.Subscriber(
+            publisher.connect_endpoint,
+            publisher.connect_replay_endpoint,
+            idle_probe=None,
+            stale_after=None,
+        )
+        for _ in range(3):
+            await sub.poll(0.3)  # joined: nothing is in flight any more
+        waiting = asyncio.create_task(sub.poll(None))
+        await asyncio.sleep(0.3)
+        await asyncio.wait_for(sub.close(), 5)
+        assert await asyncio.wait_for(waiting, 5) == []
+
+    asyncio.run(scenario())

@@ -11,7 +11,7 @@ import zmq
 
 import kvevents
 from kvevents import Subscriber, vllm
-from tests.support import inproc_endpoint, stable_tcp
+from tests.support import inproc_endpoint, stable_tcp, wait_until
 
 LOOPBACK = "tcp://127.0.0.1:0"
 
@@ -23,7 +23,12 @@ def batch(n: int = 0) -> vllm.KVEventBatch:
 
 
 def collect(
-    sub: Subscriber, until, timeout: float = 60.0, slow_every: int = 0, pause: float = 0.01
+    sub: Subscriber,
+    until,
+    timeout: float = 60.0,
+    slow_every: int = 0,
+    pause: float = 0.01,
+    pause_until=None,
 ):
     got = []
     deadline = time.monotonic() + timeout
@@ -31,7 +36,11 @@ def collect(
         for delivery in sub.poll(0.2):
             got.append(delivery)
             if slow_every and len(got) % slow_every == 0:
-                time.sleep(pause)  # a deliberately slow consumer
+                # A deliberately slow consumer: a fixed pause, or until a condition holds.
+                if pause_until is None:
+                    time.sleep(pause)
+                else:
+                    wait_until(lambda: pause_until(got), pause)
     return got
 
 
@@ -45,7 +54,7 @@ def small_buffers() -> Iterator[zmq.Context]:
     context.setsockopt(zmq.SNDBUF, 16_384)
     context.setsockopt(zmq.RCVBUF, 16_384)
     yield context
-    context.destroy(linger=0)
+    context.destroy(linger=100)  # not 0: kvevents_runtime.closing says why
 
 
 @pytest.mark.slow
@@ -78,9 +87,24 @@ def test_100k_batches_through_a_tiny_hwm_arrive_exactly_once_in_order(small_buff
 
         producer = threading.Thread(target=produce)
         producer.start()
+
         # 50 ms pauses: far longer than 20-message pipes take to fill while the producer
         # runs, so drops happen on a fast machine too (10 ms was sometimes not enough).
-        got = collect(sub, lambda g: len(g) >= total, timeout=120, slow_every=2000, pause=0.05)
+        # Each pause lasts until the producer is 3,000 batches ahead (at most 2 s): far more
+        # than 20-message pipes and 16 KB buffers hold, so drops happen on any machine (a
+        # fixed 50 ms was not always enough on a loaded one).
+        def ahead(g: list) -> bool:
+            published = publisher.counters()["published"]
+            return published >= total or published - len(g) > 3000
+
+        got = collect(
+            sub,
+            lambda g: len(g) >= total,
+            timeout=120,
+            slow_every=2000,
+            pause=2.0,
+            pause_until=ahead,
+        )
         producer.join()
         stats = dict(sub.stats)
     assert [d.seq for d in got] == list(range(total))

@@ -281,7 +281,7 @@ class IndexMachine(RuleBasedStateMachine):
 
 IndexMachine.TestCase.settings = settings(
     # `nox -s contract` runs more (KVEVENTS_INDEX_EXAMPLES).
-    max_examples=int(os.environ.get("KVEVENTS_INDEX_EXAMPLES", "1000")),
+    max_examples=int(os.environ.get("KVEVENTS_INDEX_EXAMPLES", "10000")),
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

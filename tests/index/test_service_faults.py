@@ -16,27 +16,13 @@ import pytest
 
 from kvevents import vllm
 from kvevents_runtime.prefix import PrefixIndex
-from tests.index.test_service import BS, Server, chain, publish, score, stored
+from tests.index.test_service import BS, Server, chain, publish, score, service, stored
 from tests.support import wait_until
 
 pytest.importorskip("uvicorn", reason="the index service needs kvevents[index]")
-from kvevents_apps.indexd import IndexService  # noqa: E402
 
+__all__ = ["service"]  # the fixture, shared with test_service
 LOOPBACK = "tcp://127.0.0.1:0"
-
-
-@pytest.fixture
-def start():
-    made: list[Server] = []
-
-    def start(**options: Any) -> Server:
-        server = Server(IndexService(subscriber_options={"idle_probe": 0.2}, **options))
-        made.append(server)
-        return server
-
-    yield start
-    for server in made:
-        server.close()
 
 
 def register(server: Server, worker: int, pub: Any, model: str = "m", **extra: Any) -> int:
@@ -52,11 +38,11 @@ def register(server: Server, worker: int, pub: Any, model: str = "m", **extra: A
 
 
 def test_a_batch_that_cannot_be_applied_is_logged_counted_stale_and_healed(
-    start, publishers, monkeypatch, caplog
+    service, publishers, monkeypatch, caplog
 ) -> None:
     """The old feeder task ended on any exception but RuntimeError (and on that one, quietly):
     the service went on answering from frozen state, `stale: false`, /health 200."""
-    server = start()
+    server = service()
     pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64, snapshots=True)
     publishers.append(pub)
     rng = random.Random(1)
@@ -89,8 +75,8 @@ def test_a_batch_that_cannot_be_applied_is_logged_counted_stale_and_healed(
     assert wait_until(lambda: score(server, more) == {"1": {"0": 2 * BS}}, 10)
 
 
-def test_a_feed_whose_polls_keep_failing_is_reported_by_health(start, publishers) -> None:
-    server = start(unhealthy_after=0.5)
+def test_a_feed_whose_polls_keep_failing_is_reported_by_health(service, publishers) -> None:
+    server = service(unhealthy_after=0.5)
     pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64)
     publishers.append(pub)
     tokens, hashes = chain(random.Random(2), 2)
@@ -120,9 +106,9 @@ def test_a_feed_whose_polls_keep_failing_is_reported_by_health(start, publishers
     assert wait_until(lambda: server.call("GET", "/health")[0] == 200, 10)
 
 
-def test_one_poll_feeds_every_model(start, publishers) -> None:
+def test_one_poll_feeds_every_model(service, publishers) -> None:
     """Each new model used to add a polling thread that never went away."""
-    server = start()
+    server = service()
     pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64)
     publishers.append(pub)
     assert register(server, 0, pub, model="model-0") == 201
@@ -145,12 +131,12 @@ def test_one_poll_feeds_every_model(start, publishers) -> None:
     assert wait_until(every_model_has_it, 15)
 
 
-def test_register_without_a_topic_reads_every_topic(start, publishers) -> None:
+def test_register_without_a_topic_reads_every_topic(service, publishers) -> None:
     """Dynamo's /register has no topic and its indexer reads every topic; an engine set up
     with topic "kv-events" was never indexed while it kept publishing (its batches were
     dropped as another topic, and a source that keeps talking is never probed). An explicit
     topic reads that topic."""
-    server = start()
+    server = service()
     pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64, topic="kv-events")
     publishers.append(pub)
     assert register(server, 1, pub) == 201
@@ -175,8 +161,8 @@ def test_register_without_a_topic_reads_every_topic(start, publishers) -> None:
         feeder.join(5)
 
 
-def test_every_request_is_bounded_and_every_error_is_json(start) -> None:
-    server = start(body_timeout=0.5)
+def test_every_request_is_bounded_and_every_error_is_json(service) -> None:
+    server = service(body_timeout=0.5)
     endpoint = "tcp://127.0.0.1:1"
     base = {"endpoint": endpoint, "model_name": "m", "block_size": BS}
     status, answer = server.call("POST", "/register", {**base, "instance_id": 1 << 64})
@@ -209,8 +195,8 @@ def test_every_request_is_bounded_and_every_error_is_json(start) -> None:
     assert b'"error"' in reply and 0.4 < waited < 4, (reply, waited)
 
 
-def test_dump_streams_what_the_index_holds(start, publishers) -> None:
-    server = start()
+def test_dump_streams_what_the_index_holds(service, publishers) -> None:
+    server = service()
     pubs = []
     rng = random.Random(5)
     expected = 0
@@ -238,10 +224,10 @@ def test_dump_streams_what_the_index_holds(start, publishers) -> None:
     assert {e["worker_id"] for e in body["m:default"]["events"]} == {0, 1, 2}
 
 
-def test_workers_show_liveness_from_the_subscriber(start, publishers) -> None:
+def test_workers_show_liveness_from_the_subscriber(service, publishers) -> None:
     """A worker that never answered (`tcp://no-such-host.invalid:1`) was listed `active`
     for minutes."""
-    server = start()
+    server = service()
     pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8)
     publishers.append(pub)
     assert register(server, 1, pub) == 201

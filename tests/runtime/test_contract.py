@@ -549,15 +549,21 @@ def test_snapshots_complete_while_live_batches_keep_arriving(
     check(play(True, capacity, schedule, snapshots=True))
 
 
-def test_a_snapshot_is_not_outrun_by_the_live_batch_that_arrives_while_it_streams() -> None:
-    """The livelock: a live batch delivered between a snapshot's header and its END put the
-    stream past the snapshot's cut, so it was thrown away as out of date and asked for again,
-    for ever while traffic flowed."""
-    world = World(info=True, capacity=4, snapshots=True)
+def joined_world(capacity: int) -> World:
+    """A publisher with snapshots that published one batch, delivered to a joined subscriber."""
+    world = World(info=True, capacity=capacity, snapshots=True)
     world.run(world.sequencer.start())
     world.publish(dropped=False)
     world.arrive()
     world.answer(None)
+    return world
+
+
+def test_a_snapshot_is_not_outrun_by_the_live_batch_that_arrives_while_it_streams() -> None:
+    """The livelock: a live batch delivered between a snapshot's header and its END put the
+    stream past the snapshot's cut, so it was thrown away as out of date and asked for again,
+    for ever while traffic flowed."""
+    world = joined_world(capacity=4)
     world.resync()
     for _ in range(5):
         world.answer(1)  # the header (the cut), then a part
@@ -573,11 +579,7 @@ def test_a_snapshot_asked_for_during_a_reconnect_is_sent_once_the_publisher_answ
     """Seen with real sockets: `request_snapshot()` between a reconnect and the publisher's
     info answer. The old decorator took the last positional argument of `info` (the
     `snapshots` flag) for the output list and raised AttributeError from `poll()`."""
-    world = World(info=True, capacity=8, snapshots=True)
-    world.run(world.sequencer.start())
-    world.publish(dropped=False)
-    world.arrive()
-    world.answer(None)
+    world = joined_world(capacity=8)
     world.drop()
     assert isinstance(world.request, RequestInfo)
     world.resync()

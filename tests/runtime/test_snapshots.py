@@ -279,17 +279,10 @@ def test_without_snapshots_the_loss_is_only_reported(publishers) -> None:
     assert live_state(consumer.state) != truth_of(batches)
 
 
-def test_a_snapshot_larger_than_one_publisher_round_heals_under_live_traffic(publishers) -> None:
-    """The livelock: with more live blocks than one publisher round sends, live batches arrive
-    while the snapshot streams. They used to be delivered past its cut, so every snapshot was
-    thrown away as out of date and asked for again (108 requests in 12 s, none applied). Now
-    they are held until it ends: one request, applied, and the state equals the publisher's."""
-    import threading
-
-    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8, snapshots=True)
-    publishers.append(pub)
-    batches = []
-    for n in range(60):  # 60,000 live blocks: several publisher rounds of snapshot batches
+def big_state(publisher: Any, batches: int = 60) -> list[vllm.KVEventBatch]:
+    """`batches` x 1,000 blocks: a snapshot of many publisher rounds."""
+    out = []
+    for n in range(batches):
         hashes = list(range(n * 1000, (n + 1) * 1000))
         stored = vllm.BlockStored(
             block_hashes=hashes,
@@ -300,10 +293,23 @@ def test_a_snapshot_larger_than_one_publisher_round_heals_under_live_traffic(pub
             medium="GPU",
             lora_name=None,
         )
-        batches.append(vllm.KVEventBatch(ts=float(n), events=[stored]))
-    for b in batches:
-        pub.publish(b)
-    assert wait_until(lambda: pub.counters()["next_seq"] >= len(batches), 20)
+        out.append(vllm.KVEventBatch(ts=float(n), events=[stored]))
+    for b in out:
+        publisher.publish(b)
+    assert wait_until(lambda: publisher.counters()["next_seq"] >= len(out), 20)
+    return out
+
+
+def test_a_snapshot_larger_than_one_publisher_round_heals_under_live_traffic(publishers) -> None:
+    """The livelock: with more live blocks than one publisher round sends, live batches arrive
+    while the snapshot streams. They used to be delivered past its cut, so every snapshot was
+    thrown away as out of date and asked for again (108 requests in 12 s, none applied). Now
+    they are held until it ends: one request, applied, and the state equals the publisher's."""
+    import threading
+
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8, snapshots=True)
+    publishers.append(pub)
+    batches = big_state(pub, 60)  # 60,000 live blocks: several publisher rounds
     stop = threading.Event()
     trickle = random_batches(400, seed=5)
     sent: list[vllm.KVEventBatch] = []
@@ -329,27 +335,6 @@ def test_a_snapshot_larger_than_one_publisher_round_heals_under_live_traffic(pub
         stats = dict(sub.stats)
     assert consumer.snapshots == 1 and stats["snapshots_requested"] == 1, stats
     assert live_state(consumer.state) == truth_of(everything), stats
-
-
-def big_state(publisher: Any, batches: int = 60) -> list[vllm.KVEventBatch]:
-    """`batches` x 1,000 blocks: a snapshot of many publisher rounds."""
-    out = []
-    for n in range(batches):
-        hashes = list(range(n * 1000, (n + 1) * 1000))
-        stored = vllm.BlockStored(
-            block_hashes=hashes,
-            parent_block_hash=None,
-            token_ids=[h % 50_000 for h in hashes for _ in range(BLOCK)],
-            block_size=BLOCK,
-            lora_id=None,
-            medium="GPU",
-            lora_name=None,
-        )
-        out.append(vllm.KVEventBatch(ts=float(n), events=[stored]))
-    for b in out:
-        publisher.publish(b)
-    assert wait_until(lambda: publisher.counters()["next_seq"] >= len(out), 20)
-    return out
 
 
 def test_peers_asking_at_the_same_seq_share_one_copy_of_the_block_set(publishers) -> None:

@@ -636,14 +636,7 @@ def serve(
         print(f"kvevents index: error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 2
     app = IndexService(block_size, model_name, routing_group, workers, replay)
-    config = uvicorn.Config(
-        app,
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        limit_concurrency=MAX_CONNECTIONS,
-        timeout_keep_alive=5,
-    )
+    config = server_config(app, log_level="warning")
     server = uvicorn.Server(config)
     bound = listener.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
@@ -657,3 +650,87 @@ def serve(
     finally:
         listener.close()
     return 0 if server.started else 1  # not started: the lifespan startup failed and said why
+
+
+HEADER_TIMEOUT = 10.0
+"""Seconds a connection may take to send a request's headers (a client dripping them)."""
+
+
+def server_config(app: IndexService, header_timeout: float = HEADER_TIMEOUT, **options: Any) -> Any:
+    """uvicorn's settings for the service: the connection cap, a short keep-alive, and a
+    protocol that times out slow headers and answers malformed requests in JSON."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        http=_guarded_protocol(header_timeout),
+        lifespan="on",
+        access_log=False,
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_keep_alive=5,
+        **options,
+    )
+
+
+def _guarded_protocol(header_timeout: float) -> type:
+    """uvicorn's HTTP/1.1 protocol (its C parser when httptools is installed), with two
+    changes: a request whose headers are not complete within `header_timeout` seconds of the
+    connection (or of the previous response) is answered 408 and closed, and a request the
+    parser rejects is answered 400 in the service's JSON, not uvicorn's plain text."""
+    try:
+        import httptools  # noqa: F401
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+
+    class GuardedProtocol(Base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._watch_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch_headers()
+
+        def data_received(self, data: bytes) -> None:
+            self._began = True
+            super().data_received(data)
+
+        def _watch_headers(self) -> None:
+            self._began = False
+            timer = getattr(self, "_header_timer", None)
+            if timer is not None:
+                timer.cancel()
+            waiting_for = self.cycle
+            self._header_timer = self.loop.call_later(
+                header_timeout, lambda: self._headers_late(waiting_for)
+            )
+
+        def _headers_late(self, waiting_for: Any) -> None:
+            if self.cycle is not waiting_for or self.transport.is_closing():
+                return  # a request began in time
+            if not self._began:
+                self.transport.close()  # idle, not one byte of a request: close as keep-alive does
+                return
+            waited = f"{header_timeout:g} s"
+            self._json_error(408, f"request headers not received within {waited}")
+
+        def send_400_response(self, msg: str) -> None:
+            self._json_error(400, f"invalid HTTP request: {msg}")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            timer = getattr(self, "_header_timer", None)
+            if timer is not None:
+                timer.cancel()
+            super().connection_lost(exc)
+
+        def _json_error(self, status: int, message: str) -> None:
+            body = _encode({"error": message})
+            reason = {400: b"Bad Request", 408: b"Request Timeout"}[status]
+            head = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+            head += b"content-type: application/json\r\nconnection: close\r\n"
+            head += b"content-length: %d\r\n\r\n" % len(body)
+            self.transport.write(head + body)
+            self.transport.close()
+
+    return GuardedProtocol

@@ -24,7 +24,7 @@ from kvevents.index import local_block_hashes
 from tests.support import ROOT, wait_until
 
 uvicorn = pytest.importorskip("uvicorn", reason="the index service needs kvevents[index]")
-from kvevents_apps.indexd import IndexService, parse_workers  # noqa: E402
+from kvevents_apps.indexd import IndexService, parse_workers, server_config  # noqa: E402
 
 BS = 16
 
@@ -32,8 +32,8 @@ BS = 16
 class Server:
     """The service on a random loopback port, on a thread of its own (its own event loop)."""
 
-    def __init__(self, app: IndexService) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="on")
+    def __init__(self, app: IndexService, **options: Any) -> None:
+        config = server_config(app, host="127.0.0.1", port=0, log_level="error", **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -254,3 +254,30 @@ def test_workers_show_liveness_from_the_subscriber(service, publishers) -> None:
     assert (
         'worker_id="2"} -1.0' in metrics and 'kvevents_index_limit{name="max_sources"}' in metrics
     )
+
+
+def test_slow_headers_and_malformed_requests_get_json_answers() -> None:
+    """uvicorn answered a request it could not parse in plain text, and held a connection
+    whose headers never finished for ever (1,000 of them locked every client out)."""
+    from kvevents_apps.indexd import IndexService
+
+    server = Server(IndexService(), header_timeout=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(b"POST /query HTTP/1.1\r\nHost: x\r\nContent-")
+            started = time.monotonic()
+            reply = raw.recv(4096)
+            waited = time.monotonic() - started
+        assert reply.startswith(b"HTTP/1.1 408") and b'{"error":' in reply, reply
+        assert 0.3 < waited < 4, waited
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            reply = raw.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 400") and b"application/json" in reply, reply
+        assert b'{"error":"invalid HTTP request' in reply, reply
+        # A client that keeps its connection and answers in time is served as before.
+        assert server.call("GET", "/health") == (200, {"status": "ok"})
+        time.sleep(0.8)  # idle past the header timeout between two requests: reconnects
+        assert server.call("GET", "/health") == (200, {"status": "ok"})
+    finally:
+        server.close()

@@ -28,7 +28,7 @@ import msgspec
 from msgspec import Meta
 
 from kvevents import EndpointError, SourceLimitError, check_endpoint
-from kvevents.index import IndexFeed, LiveIndex, Match
+from kvevents.index import IndexFeed, LiveIndex, Match, local_block_hashes
 
 logger = logging.getLogger("kvevents.index")
 
@@ -41,6 +41,9 @@ MAX_CONNECTIONS = 1024
 MAX_QUERY_TOKENS = 1 << 20
 """Tokens in one /query (1M: 65,536 blocks of 16; hashing it holds the loop ~0.1 s)."""
 MAX_QUERY_HASHES = 1 << 16
+LARGE_QUERY = 64 * 1024
+"""Body bytes (about 10,000 tokens) up to which a /query is decoded and hashed on the event
+loop (under a millisecond); a larger one is decoded and hashed on a thread."""
 MAX_NAME = 256
 """Characters in a model name, routing group or topic."""
 MAX_ENDPOINT = 1024
@@ -326,13 +329,19 @@ class IndexService:
         return 200, {"status": "ok"}
 
     async def query(self, body: bytes, scope: Scope) -> tuple[int, Any]:
-        request = _parse(Query, body)
-        live = self._live(request.model_name, request.routing_group)
-        try:
-            answer = live.index.query(request.token_ids, request.lora_name, request.cache_salt)
-        except OverflowError:
-            raise HttpError(422, "token_ids must be unsigned 32-bit integers") from None
-        return 200, _scores(answer, live.index.block_size)
+        if len(body) <= LARGE_QUERY:
+            request = _parse(Query, body)
+            live = self._live(request.model_name, request.routing_group)
+            hashes = _hashes(request, live.index.block_size)
+        else:
+            # Decoding and hashing a long prompt are pure functions of the request: off the
+            # loop, so other clients are answered meanwhile (matching stays on the loop, the
+            # only writer of the index).
+            request = await asyncio.to_thread(_parse, Query, body)
+            live = self._live(request.model_name, request.routing_group)
+            hashes = await asyncio.to_thread(_hashes, request, live.index.block_size)
+        index = live.index
+        return 200, _scores(index.match(hashes), index.block_size)
 
     async def query_by_hash(self, body: bytes, scope: Scope) -> tuple[int, Any]:
         request = _parse(QueryByHash, body)
@@ -546,6 +555,15 @@ def _parse(kind: type[Any], body: bytes) -> Any:
         raise HttpError(422, f"invalid {kind.__name__.lower()} request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise HttpError(400, f"malformed JSON body: {exc}") from None
+
+
+def _hashes(request: Query, block_size: int) -> list[int]:
+    try:
+        return local_block_hashes(
+            request.token_ids, block_size, request.lora_name, request.cache_salt
+        )
+    except OverflowError:
+        raise HttpError(422, "token_ids must be unsigned 32-bit integers") from None
 
 
 def _instance(instance_id: int) -> None:

@@ -75,6 +75,8 @@ class ReplayService:
     """Replays in flight at once; each peer (DEALER identity) has at most one."""
     SNAPSHOT_CHUNK = 16
     """Snapshot batches (of up to 1024 blocks each) sent between two live chunks."""
+    MAX_CUTS = 2
+    """Copies of the block set held at once (each shared by every session at its seq)."""
     STALL_SECONDS = 30.0
     """A snapshot session whose peer takes nothing for this long is dropped."""
     MAX_REQUEST_BYTES = 1024
@@ -179,6 +181,7 @@ class ReplayService:
                 len(self.sessions) + len(self.snapshots) >= self.MAX_SESSIONS
                 or any(s[0] == identity for s in self.sessions)
                 or any(s.identity == identity for s in self.snapshots)
+                or (flag == "snapshot" and self._needs_new_cut(next_seq))
             )
             if busy:
                 # One replay per peer: a peer asking for full replays and never reading them
@@ -221,6 +224,14 @@ class ReplayService:
             self.socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError:
             self.unreachable += 1  # a full or vanished peer: its request times out and retries
+
+    def _needs_new_cut(self, next_seq: int) -> bool:
+        """A snapshot asked at `next_seq` would need another copy of the block set while
+        `MAX_CUTS` are held by sessions still streaming: the peer is told to retry."""
+        cut = self._cut
+        if cut is not None and cut.next_seq == next_seq:
+            return False
+        return len({id(s.cut) for s in self.snapshots}) >= self.MAX_CUTS
 
     def _start_snapshot(self, identity: bytes, next_seq: int) -> None:
         """The info header just sent says next_seq; the snapshot is as of the seq before it.
@@ -290,7 +301,9 @@ class ReplayService:
                             self.with_topic,
                         )
                 try:
-                    self.socket.send_multipart(session.frames, zmq.NOBLOCK)
+                    # Not copied: a peer that does not read holds references to the cut's
+                    # payloads in its pipe, not copies of them.
+                    self.socket.send_multipart(session.frames, zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     if now - session.progressed > self.STALL_SECONDS:
                         self.stalled += 1  # a peer that never reads: give its share back

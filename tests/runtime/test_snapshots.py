@@ -407,3 +407,59 @@ def test_a_peer_that_asks_for_a_snapshot_and_never_reads_holds_up_no_replay(publ
     finally:
         hog.close(linger=0)
         context.term()
+
+
+def test_copies_of_the_block_set_are_bounded_and_stalled_peers_give_theirs_back(
+    publishers, monkeypatch
+) -> None:
+    """Peers asking at different seqs need different copies: at most MAX_CUTS are held, a
+    further peer is told busy (and retries), and a peer that never reads is dropped after
+    STALL_SECONDS, which frees its copy."""
+    import zmq
+
+    from kvevents_runtime.replay import ReplayService
+
+    monkeypatch.setattr(ReplayService, "STALL_SECONDS", 1.0)
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8, snapshots=True)
+    publishers.append(pub)
+    batches = big_state(pub, 150)
+    context = zmq.Context()
+    wire = Subscriber.wire
+    peers = []
+
+    def peer(hog: bool) -> zmq.Socket:
+        sock = context.socket(zmq.DEALER)
+        if hog:
+            sock.setsockopt(zmq.RCVHWM, 1)
+            sock.setsockopt(zmq.RCVBUF, 4096)
+        sock.connect(pub.connect_replay_endpoint)  # type: ignore[arg-type]
+        sock.send_multipart(wire.pack_snapshot_request(0))
+        peers.append(sock)
+        return sock
+
+    def read_until_end(sock: zmq.Socket) -> list[Any]:
+        items = []
+        while True:
+            assert sock.poll(10_000), "no END"
+            item = wire.parse_replay_reply(sock.recv_multipart())
+            items.append(item)
+            if item.is_end or (item.is_info and wire.decode_info(item.payload).busy):
+                return items
+
+    try:
+        for number in range(2):  # two stuck peers, each at its own seq: two copies
+            peer(hog=True)
+            assert wait_until(lambda n=number: pub.counters()["snapshot_requests"] == n + 1, 10)
+            pub.publish(batches[0])
+            assert wait_until(lambda n=number: pub.counters()["next_seq"] == 151 + n, 10)
+        refused = read_until_end(peer(hog=False))
+        assert wire.decode_info(refused[0].payload).busy, "a third copy was made"
+        counters = pub.counters()
+        assert counters["snapshot_cuts"] == 2 and counters["replay_rejected_busy"] == 1, counters
+        assert wait_until(lambda: pub.counters()["sessions_stalled"] == 2, 10), pub.counters()
+        served = read_until_end(peer(hog=False))
+        assert served[-1].is_end and len(served) > 100, len(served)
+    finally:
+        for sock in peers:
+            sock.close(linger=0)
+        context.term()

@@ -39,6 +39,8 @@ POLL_WAIT = 0.5
 does, so this costs no latency; each poll looks at every socket (7 ms with 2,048 sources),
 so fewer idle polls is most of an idle router's cost."""
 RETRY_PAUSE = (0.05, 2.0)
+REBUILD_AFTER = 3
+"""Failed polls in a row after which the subscriber is replaced by a new one."""
 """The pause after a failed poll, doubling from the first to at most the second (seconds)."""
 
 
@@ -59,7 +61,11 @@ class IndexFeed:
             self._context = options["context"] = zmq.Context()
             self._context.max_sockets = SOCKETS_PER_SOURCE * max_sources + 64
             _raise_open_file_limit(FILES_PER_SOURCE * max_sources + 1024)
+        self._options = options
         self._sub = self.subscriber_class(sources=[], **options)
+        self._topics: dict[int, str | None] = {}
+        """subscriber source index -> the topic it was added with (to add it again)."""
+        self.rebuilds = 0
         self._owners: dict[int, LiveIndex] = {}
         """subscriber source index -> the index that registered it."""
         self._indexes: dict[int, tuple[LiveIndex, int]] = {}
@@ -85,12 +91,14 @@ class IndexFeed:
             raise SourceLimitError(f"max_sources {self.max_sources} reached")
         source = await self._sub.add_source(endpoint, replay_endpoint, topic=topic)
         self._owners[source.index] = owner
+        self._topics[source.index] = topic
         _, count = self._indexes.get(id(owner), (owner, 0))
         self._indexes[id(owner)] = (owner, count + 1)
         return source
 
     async def remove_source(self, source: Any) -> None:
         owner = self._owners.pop(source.index, None)
+        self._topics.pop(source.index, None)
         if owner is not None:
             _, count = self._indexes[id(owner)]
             if count > 1:
@@ -127,6 +135,7 @@ class IndexFeed:
     async def run(self) -> None:
         """Poll until `close()`. A failed poll is logged, counted and retried after a pause."""
         pause = RETRY_PAUSE[0]
+        failures = 0
         while not self._closed:
             try:
                 await self.step(POLL_WAIT)
@@ -142,11 +151,43 @@ class IndexFeed:
                 logger.exception("kvevents index: a poll of the subscriber failed; retrying")
                 for owner, _ in list(self._indexes.values()):
                     owner.mark_all_stale(f"the feed failed: {self.last_failure}")
+                failures += 1
+                if failures % REBUILD_AFTER == 0:
+                    await self._rebuild()
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, RETRY_PAUSE[1])
                 continue
             pause = RETRY_PAUSE[0]
+            failures = 0
             self.failing_since = None
+
+    async def _rebuild(self) -> None:
+        """A subscriber whose polls keep failing is replaced: a new one follows every source
+        again (each index is told its sources' new handles; every worker is stale until its
+        stream or a snapshot makes it whole)."""
+        logger.error("kvevents index: the subscriber keeps failing; following every source anew")
+        self.rebuilds += 1
+        old, self._sub = self._sub, self.subscriber_class(sources=[], **self._options)
+        try:
+            await old.close()
+        except Exception:
+            logger.exception("kvevents index: closing the failed subscriber")
+        owners, topics = self._owners, self._topics
+        self._owners, self._topics = {}, {}
+        for index, owner in owners.items():
+            source = owner.source_by_index(index)
+            if source is None:
+                continue
+            try:
+                new = await self._sub.add_source(
+                    source.endpoint, source.replay_endpoint, topic=topics.get(index)
+                )
+            except Exception:
+                logger.exception("kvevents index: source %s not followed again", source.endpoint)
+                continue
+            self._owners[new.index] = owner
+            self._topics[new.index] = topics.get(index)
+            owner.resubscribed(index, new)
 
     async def close(self) -> None:
         """Idempotent."""

@@ -125,6 +125,24 @@ class LiveIndex:
     def workers(self) -> list[Worker]:
         return list(self._workers)
 
+    def source_by_index(self, index: int) -> Any:
+        worker = self._by_source.get(index)
+        return None if worker is None else self._workers.get(worker)
+
+    def resubscribed(self, old_index: int, source: Any) -> None:
+        """The feed follows a worker through a new subscriber source (after a rebuild): its
+        epochs start again, and it stays stale until its stream or a snapshot heals it."""
+        worker = self._by_source.pop(old_index, None)
+        if worker is None:
+            return
+        self._workers[worker] = source
+        self._by_source[source.index] = worker
+        # Its first delivery opens a new epoch here: the worker is cleared, and whole again
+        # if the stream starts at seq 0 (otherwise history lost and a snapshot heal it).
+        self._epochs[worker] = -1
+        self._asked.discard(worker)
+        self.index.mark_stale(worker, "followed anew after the feed failed")
+
     def source(self, worker: Worker) -> Any:
         """The worker's subscriber source (its sequencer says what the stream is doing), or
         None when it is not registered."""

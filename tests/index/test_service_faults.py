@@ -75,7 +75,11 @@ def test_a_batch_that_cannot_be_applied_is_logged_counted_stale_and_healed(
     assert wait_until(lambda: score(server, more) == {"1": {"0": 2 * BS}}, 10)
 
 
-def test_a_feed_whose_polls_keep_failing_is_reported_by_health(service, publishers) -> None:
+def test_a_feed_whose_polls_keep_failing_is_reported_by_health(
+    service, publishers, monkeypatch
+) -> None:
+    """Every poll fails, a new subscriber's too: after unhealthy_after seconds /health says
+    so, and every answer marks the worker stale; once polls work again, all is well."""
     server = service(unhealthy_after=0.5)
     pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64)
     publishers.append(pub)
@@ -84,16 +88,17 @@ def test_a_feed_whose_polls_keep_failing_is_reported_by_health(service, publishe
     publish(pub, stored(hashes, tokens))
     assert wait_until(lambda: score(server, tokens) == {"1": {"0": 2 * BS}}, 10)
     feed = server.server.config.app.feed
-    real_poll = feed.subscriber.poll
+    kind = type(feed.subscriber)
+    real_poll = kind.poll
     broken = threading.Event()
     broken.set()
 
-    async def poll(*args: Any) -> Any:
+    async def poll(self: Any, *args: Any) -> Any:
         if broken.is_set():
             raise OSError("an injected failure of the poll")
-        return await real_poll(*args)
+        return await real_poll(self, *args)
 
-    feed.subscriber.poll = poll
+    monkeypatch.setattr(kind, "poll", poll)
     assert wait_until(lambda: server.call("GET", "/health")[0] == 503, 10)
     status, answer = server.call("GET", "/health")
     assert answer["status"] == "unhealthy" and "injected failure" in answer["reason"], answer
@@ -104,6 +109,33 @@ def test_a_feed_whose_polls_keep_failing_is_reported_by_health(service, publishe
     assert "kvevents_index_healthy 0.0" in metrics
     broken.clear()
     assert wait_until(lambda: server.call("GET", "/health")[0] == 200, 10)
+    assert wait_until(lambda: score(server, tokens) == {"1": {"0": 2 * BS}}, 10)
+
+
+def test_a_subscriber_that_keeps_failing_is_replaced(service, publishers) -> None:
+    """A broken subscriber is replaced by a new one that follows every source again; the
+    worker is whole again from its stream (seq 0 on), and later batches are applied."""
+    server = service()
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64)
+    publishers.append(pub)
+    rng = random.Random(7)
+    tokens, hashes = chain(rng, 2)
+    assert register(server, 1, pub) == 201
+    publish(pub, stored(hashes, tokens))
+    assert wait_until(lambda: score(server, tokens) == {"1": {"0": 2 * BS}}, 10)
+    feed = server.server.config.app.feed
+
+    async def poll(*args: Any) -> Any:
+        raise OSError("an injected failure of this subscriber")
+
+    broken = feed.subscriber
+    broken.poll = poll  # this instance only: its replacement polls as usual
+    assert wait_until(lambda: feed.rebuilds >= 1 and feed.subscriber is not broken, 10)
+    assert wait_until(lambda: score(server, tokens) == {"1": {"0": 2 * BS}}, 10)
+    more, more_hashes = chain(rng, 3)
+    publish(pub, stored(more_hashes, more))
+    assert wait_until(lambda: score(server, more) == {"1": {"0": 3 * BS}}, 10)
+    assert server.call("GET", "/health") == (200, {"status": "ok"})
 
 
 def test_one_poll_feeds_every_model(service, publishers) -> None:

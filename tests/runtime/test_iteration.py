@@ -8,6 +8,9 @@ import asyncio
 import random
 import time
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 import kvevents
 from kvevents import vllm
 
@@ -200,3 +203,49 @@ def test_close_from_another_task_ends_a_poll_that_waits_forever(publishers) -> N
         assert await asyncio.wait_for(waiting, 5) == []
 
     asyncio.run(scenario())
+
+
+STOPS = ["break", "raise", "close generator", "poll"]
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(
+    schedule=st.lists(
+        st.tuples(st.integers(1, 40), st.sampled_from(STOPS)), min_size=1, max_size=30
+    )
+)
+def test_iteration_stopped_any_way_at_any_point_loses_nothing(schedule: list) -> None:
+    """Randomized: each round takes `n` deliveries and stops (break, an exception in the body,
+    the generator closed, or a plain poll), then the next round goes on; together they are
+    every seq once, in order."""
+    publisher = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK)
+    try:
+        for n in range(TOTAL):
+            publisher.publish(_batch(n))
+        got: list = []
+        with kvevents.Subscriber(
+            publisher.connect_endpoint, publisher.connect_replay_endpoint
+        ) as sub:
+            deadline = time.monotonic() + 20
+            rounds = iter(schedule * (TOTAL // len(schedule) + 1))
+            while len(got) < TOTAL and time.monotonic() < deadline:
+                take, how = next(rounds, (TOTAL, "break"))
+                if how == "poll":
+                    got += sub.poll(0.05)
+                    continue
+                loop = iter(sub)
+                try:
+                    for delivery in loop:
+                        got.append(delivery)
+                        if len(got) % take == 0 or len(got) == TOTAL:
+                            if how == "raise":
+                                raise LookupError("the consumer's own bug")
+                            if how == "close generator":
+                                loop.close()  # type: ignore[attr-defined]
+                            break
+                except LookupError:
+                    pass
+            stats = dict(sub.stats)
+        _assert_whole(got, stats)
+    finally:
+        publisher.shutdown()

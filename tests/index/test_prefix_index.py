@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -22,6 +23,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from kvevents.index import PrefixIndex, local_block_hashes
 from kvevents_runtime.prefix import CPU, GPU, TIER_OF_MEDIUM
+
+pytestmark = pytest.mark.timeout(900)  # 10,000 examples on a loaded 2-core machine
 
 BS = 2
 WORKERS = [(1, 0), (1, 1), (2, 0)]

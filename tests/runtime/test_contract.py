@@ -27,6 +27,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,6 +48,8 @@ from kvevents_runtime.sequencer import (
     Snapshot,
     SnapshotAbandoned,
 )
+
+pytestmark = pytest.mark.timeout(900)  # 10,000 examples on a loaded 2-core machine
 
 EXAMPLES = int(os.environ.get("KVEVENTS_CONTRACT_EXAMPLES", "10000"))
 

@@ -73,7 +73,13 @@ def test_a_mock_engine_restarts_on_its_ports_while_a_subscriber_reconnects() -> 
                     engine.step(float(restart))
                     epochs |= {d.epoch for d in sub.poll(0.1)}
             stats = dict(sub.stats)
-        assert epochs == set(range(6)), (stats, "\n".join(str(n) for n in notices[-15:]))
+        # On failure: what the subscriber saw, and whether the last publisher sent anything
+        # and heard any request (seen once in several full runs, never alone: unexplained).
+        assert epochs == set(range(6)), (
+            stats,
+            engine.publisher.counters(),
+            "\n".join(str(n) for n in notices[-15:]),
+        )
         # Each lost connection was said: live input held until the publisher said who it is.
         assert stats["holds"] >= 1 and any(n.kind == "holding" for n in notices), stats
     finally:

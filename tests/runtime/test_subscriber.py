@@ -109,7 +109,9 @@ def test_100k_batches_through_a_tiny_hwm_arrive_exactly_once_in_order(small_buff
         stats = dict(sub.stats)
     assert [d.seq for d in got] == list(range(total))
     assert [d.batch.ts for d in got[:3]] == [0.0, 1.0, 2.0]
-    assert stats["gaps"] > 0, "the tiny HWM should have forced drops"
+    # Drops show as live gaps, or as batches that came by replay when they fell inside a
+    # repair already under way.
+    assert stats["gaps"] + stats["replayed"] > 0, f"the tiny HWM forced no drop: {stats}"
     assert stats["history_lost"] == 0 and stats["resets"] == 0
     print(f"100k e2e: {stats}")
 

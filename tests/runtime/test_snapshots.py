@@ -463,3 +463,29 @@ def test_copies_of_the_block_set_are_bounded_and_stalled_peers_give_theirs_back(
         for sock in peers:
             sock.close(linger=0)
         context.term()
+
+
+def test_a_snapshot_over_the_byte_bound_is_abandoned_and_live_batches_go_on(publishers) -> None:
+    """A publisher's snapshot used to be bounded by part count only (a never-ending one grew
+    the subscriber by 7.7 MB/s; 3M blocks were decoded in one poll)."""
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8, snapshots=True)
+    publishers.append(pub)
+    big_state(pub, 150)
+    notices: list = []
+    with Subscriber(
+        pub.connect_endpoint,
+        pub.connect_replay_endpoint,  # type: ignore[arg-type]
+        max_snapshot_bytes=200_000,
+        on_notice=notices.append,
+    ) as sub:
+        consumer = Consumer()
+        drive(sub, consumer, lambda: sub.stats["snapshots_abandoned"] >= 1, 10)
+        tail = random_batches(5, seed=9)
+        for b in tail:
+            pub.publish(b)
+        drive(sub, consumer, lambda: sub.stats["delivered"] >= 5, 10)
+        stats = dict(sub.stats)
+    assert stats["snapshots_abandoned"] >= 1 and stats["snapshots"] == 0, stats
+    assert stats["delivered"] >= 5, stats
+    abandoned = [n for n in notices if n.kind == "snapshot_abandoned"]
+    assert "larger than 200000 bytes" in abandoned[0].detail["reason"], abandoned

@@ -39,9 +39,9 @@ POLL_WAIT = 0.5
 does, so this costs no latency; each poll looks at every socket (7 ms with 2,048 sources),
 so fewer idle polls is most of an idle router's cost."""
 RETRY_PAUSE = (0.05, 2.0)
+"""The pause after a failed poll, doubling from the first to at most the second (seconds)."""
 REBUILD_AFTER = 3
 """Failed polls in a row after which the subscriber is replaced by a new one."""
-"""The pause after a failed poll, doubling from the first to at most the second (seconds)."""
 
 
 class IndexFeed:
@@ -63,8 +63,6 @@ class IndexFeed:
             _raise_open_file_limit(FILES_PER_SOURCE * max_sources + 1024)
         self._options = options
         self._sub = self.subscriber_class(sources=[], **options)
-        self._topics: dict[int, str | None] = {}
-        """subscriber source index -> the topic it was added with (to add it again)."""
         self.rebuilds = 0
         self._owners: dict[int, LiveIndex] = {}
         """subscriber source index -> the index that registered it."""
@@ -91,14 +89,12 @@ class IndexFeed:
             raise SourceLimitError(f"max_sources {self.max_sources} reached")
         source = await self._sub.add_source(endpoint, replay_endpoint, topic=topic)
         self._owners[source.index] = owner
-        self._topics[source.index] = topic
         _, count = self._indexes.get(id(owner), (owner, 0))
         self._indexes[id(owner)] = (owner, count + 1)
         return source
 
     async def remove_source(self, source: Any) -> None:
         owner = self._owners.pop(source.index, None)
-        self._topics.pop(source.index, None)
         if owner is not None:
             _, count = self._indexes[id(owner)]
             if count > 1:
@@ -172,21 +168,19 @@ class IndexFeed:
             await old.close()
         except Exception:
             logger.exception("kvevents index: closing the failed subscriber")
-        owners, topics = self._owners, self._topics
-        self._owners, self._topics = {}, {}
+        owners, self._owners = self._owners, {}
         for index, owner in owners.items():
             source = owner.source_by_index(index)
             if source is None:
                 continue
             try:
                 new = await self._sub.add_source(
-                    source.endpoint, source.replay_endpoint, topic=topics.get(index)
+                    source.endpoint, source.replay_endpoint, topic=source.topic
                 )
             except Exception:
                 logger.exception("kvevents index: source %s not followed again", source.endpoint)
                 continue
             self._owners[new.index] = owner
-            self._topics[new.index] = topics.get(index)
             owner.resubscribed(index, new)
 
     async def close(self) -> None:

@@ -69,8 +69,11 @@ def send_replay_with_topic(
     budget: int,
 ) -> tuple[int, int]:
     """Up to `budget` entries as ReplayReplyWithTopic, then ReplayEndWithTopic, round-robin over the
-    sessions `[identity, next seq, end seq]`; returns `(entries sent, peers gone)`. A full
-    peer (EAGAIN) is paused and resumed on a later call; a peer that is gone ends its session."""
+    sessions `[identity, next seq, end seq, bytes left, first seq, ...]`; returns `(entries
+    sent, peers gone)`. A full peer (EAGAIN) is paused and resumed on a later call; a peer
+    that is gone ends its session. A session whose payload bytes run out ends early, after at
+    least two entries (a subscriber asks from the seq it has, to check it, so the second is
+    its first new one): it reads that END before it asks again from where it is."""
     first = SNDMORE | NOBLOCK
     more = SNDMORE
     sent = 0
@@ -83,6 +86,7 @@ def send_replay_with_topic(
         try:
             while seq < session[2] and sent < budget:
                 entry = ring[seq % capacity]
+                payload_bytes = len(entry[2])
                 send(identity, first)
                 send(b"", more)
                 send(topic, more)
@@ -90,6 +94,9 @@ def send_replay_with_topic(
                 send(entry[2])
                 seq += 1
                 sent += 1
+                session[3] -= payload_bytes
+                if session[3] <= 0 and seq - session[4] >= 2:
+                    session[2] = seq
             if seq < session[2]:
                 session[1] = seq
                 sessions.rotate(-1)
@@ -122,8 +129,11 @@ def send_replay_without_topic(
     budget: int,
 ) -> tuple[int, int]:
     """Up to `budget` entries as ReplayReplyWithoutTopic, then ReplayEndWithoutTopic, round-robin over the
-    sessions `[identity, next seq, end seq]`; returns `(entries sent, peers gone)`. A full
-    peer (EAGAIN) is paused and resumed on a later call; a peer that is gone ends its session."""
+    sessions `[identity, next seq, end seq, bytes left, first seq, ...]`; returns `(entries
+    sent, peers gone)`. A full peer (EAGAIN) is paused and resumed on a later call; a peer
+    that is gone ends its session. A session whose payload bytes run out ends early, after at
+    least two entries (a subscriber asks from the seq it has, to check it, so the second is
+    its first new one): it reads that END before it asks again from where it is."""
     first = SNDMORE | NOBLOCK
     more = SNDMORE
     sent = 0
@@ -136,12 +146,16 @@ def send_replay_without_topic(
         try:
             while seq < session[2] and sent < budget:
                 entry = ring[seq % capacity]
+                payload_bytes = len(entry[2])
                 send(identity, first)
                 send(b"", more)
                 send(entry[1], more)
                 send(entry[2])
                 seq += 1
                 sent += 1
+                session[3] -= payload_bytes
+                if session[3] <= 0 and seq - session[4] >= 2:
+                    session[2] = seq
             if seq < session[2]:
                 session[1] = seq
                 sessions.rotate(-1)

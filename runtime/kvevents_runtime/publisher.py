@@ -422,6 +422,7 @@ class ZmqPublisherCore:
             "snapshot_batches": replay.snapshot_batches,
             "snapshot_cuts": replay.snapshot_cuts,
             "sessions_stalled": replay.stalled,
+            "replay_bytes_in_flight": replay.replay_bytes_in_flight(),
         }
         if replay.blocks is not None:  # only a publisher with snapshots keeps the block set
             counters["live_blocks"] = len(replay.blocks)

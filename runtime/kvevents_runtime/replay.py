@@ -78,7 +78,16 @@ class ReplayService:
     MAX_CUTS = 2
     """Copies of the block set held at once (each shared by every session at its seq)."""
     STALL_SECONDS = 30.0
-    """A snapshot session whose peer takes nothing for this long is dropped."""
+    """A session (replay or snapshot) whose peer takes nothing for this long is dropped."""
+    MAX_SESSION_BYTES = 64 << 20
+    """Payload bytes one replay sends before its END; the subscriber reads that END and asks
+    again from where it is, so an honest peer gets everything and no peer is sent more than
+    this unread per request."""
+    MAX_REPLAY_BYTES = 256 << 20
+    """Payload bytes all open replays together may have sent; a request beyond it is told
+    busy and retries."""
+    PEER_QUEUE_MESSAGES = 128
+    """ZMQ_SNDHWM of the ROUTER: replies queued per peer before its session pauses."""
     MAX_REQUEST_BYTES = 1024
     """ZMQ_MAXMSGSIZE of the ROUTER: a peer sending a larger frame is disconnected."""
 
@@ -106,6 +115,7 @@ class ReplayService:
         self.snapshot_cuts = 0
         """Copies of the block set taken (sessions asking at the same seq share one)."""
         self.stalled = 0
+        self._stall_check = 0.0
         self._cut: _Cut | None = None
         self.instance = os.urandom(16)
         """Drawn at start: an info reply with another instance tells a subscriber of a restart."""
@@ -131,8 +141,10 @@ class ReplayService:
         sock = context.socket(zmq.ROUTER)
         try:
             sock.setsockopt(zmq.LINGER, 0)
-            # A full replay plus its END marker fits even with stale acknowledgements.
-            sock.setsockopt(zmq.SNDHWM, 2 * (capacity + 1))
+            # Messages queued per peer: with the byte budgets below this bounds what a peer
+            # that never reads pins in its pipe. A full peer pauses its session (EAGAIN), so
+            # nothing is lost when a replay is longer than this.
+            sock.setsockopt(zmq.SNDHWM, self.PEER_QUEUE_MESSAGES)
             # A full peer makes send raise EAGAIN instead of silently dropping the rest of the
             # replay and its END marker; the session resumes later.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -179,6 +191,7 @@ class ReplayService:
             with_info = flag != ""
             busy = (
                 len(self.sessions) + len(self.snapshots) >= self.MAX_SESSIONS
+                or (flag != "snapshot" and self.replay_bytes_in_flight() >= self.MAX_REPLAY_BYTES)
                 or any(s[0] == identity for s in self.sessions)
                 or any(s.identity == identity for s in self.snapshots)
                 or (flag == "snapshot" and self._needs_new_cut(next_seq))
@@ -202,7 +215,30 @@ class ReplayService:
                 continue
             # A start older than the buffer begins at the oldest retained batch: the first
             # replayed seq tells the client how much history was lost.
-            self.sessions.append([identity, max(start, oldest), next_seq])
+            first = max(start, oldest)
+            self.sessions.append(
+                [identity, first, next_seq, self.MAX_SESSION_BYTES, first, time.monotonic(), -1]
+            )
+
+    def replay_bytes_in_flight(self) -> int:
+        """Payload bytes the open replays have sent so far."""
+        budget = self.MAX_SESSION_BYTES
+        return sum(budget - session[3] for session in self.sessions)
+
+    def _drop_stalled_replays(self, now: float) -> None:
+        """A replay session `[identity, next, end, bytes left, first, progressed, seq then]`
+        whose next seq has not moved for `STALL_SECONDS` holds a slot and a share of the byte
+        budget for a peer that does not read: drop it (its peer's request times out)."""
+        kept: deque[list[Any]] = deque()
+        for session in self.sessions:
+            if session[1] != session[6]:
+                session[6] = session[1]
+                session[5] = now
+            elif now - session[5] > self.STALL_SECONDS:
+                self.stalled += 1
+                continue
+            kept.append(session)
+        self.sessions = kept
 
     def _send_info(self, identity: bytes, next_seq: int, busy: bool) -> None:
         wire = self._wire
@@ -262,6 +298,10 @@ class ReplayService:
         )
         self.replayed += sent
         self.unreachable += gone
+        now = time.monotonic()
+        if now >= self._stall_check:
+            self._stall_check = now + 1.0
+            self._drop_stalled_replays(now)
         return served or sent > 0
 
     def _payload(self, cut: _Cut, position: int) -> bytes | None:

@@ -575,6 +575,11 @@ class Sequencer:
             if self.pending:
                 self._repair(out)
                 return
+        elif self.replay_progress and self.expected is not None and self.expected < self.known_next:
+            # The replay ended at the publisher's byte budget, short of the newest seq its
+            # header announced: ask again from here (it made progress, so this ends).
+            self._request_replay(out)
+            return
         self._after_repair(out)
 
     def _timeout(self, out: Actions) -> None:

@@ -446,3 +446,82 @@ def test_a_hostile_client_flooding_the_replay_socket_costs_nothing(publishers, s
     counters = publisher.counters()
     assert counters["replay_invalid"] > 0
     assert counters["dropped_queue_full"] == 0
+
+
+def big_batch(n: int):
+    """About 2 KB of payload."""
+    big = batch_for("sglang", n)
+    big.events[0].token_ids = list(range(1000, 1000 + 680))
+    return big
+
+
+def test_a_replay_ends_at_its_byte_budget_and_a_subscriber_asks_again_for_the_rest(
+    publishers, sockets, monkeypatch
+):
+    """A replay used to be bounded by entry count only: a peer asking for the whole ring was
+    sent all of it unread. Now one request gets at most MAX_SESSION_BYTES (and at least one
+    entry) before its END; an honest subscriber reads it and asks again from there."""
+    from kvevents_runtime.replay import ReplayService
+
+    monkeypatch.setattr(ReplayService, "MAX_SESSION_BYTES", 20_000)
+    publisher = start(publishers, "sglang", buffer_steps=1000)
+    for n in range(100):
+        publisher.publish(big_batch(n))
+    assert wait_until(lambda: publisher.counters()["published"] == 100, 10)
+    items, end = replay(sockets, publisher.connect_replay_endpoint, 0, timeout=10)
+    assert end is not None, "no END"
+    assert 5 <= len(items) <= 12, len(items)  # about 20 KB of 2 KB batches, then END
+    assert [i.seq for i in items] == list(range(len(items)))
+    with kvevents.Subscriber(
+        publisher.connect_endpoint, publisher.connect_replay_endpoint, join="start"
+    ) as sub:
+        got = []
+        deadline = time.monotonic() + 20
+        while len(got) < 100 and time.monotonic() < deadline:
+            got.extend(sub.poll(0.2))
+        stats = dict(sub.stats)
+    assert [d.seq for d in got] == list(range(100)), stats
+    assert stats["history_lost"] == 0 and stats["replays_requested"] >= 8, stats
+
+
+def test_replays_share_a_global_byte_budget_and_a_peer_that_never_reads_is_dropped(
+    publishers, sockets, monkeypatch
+):
+    """Peers that ask for replays and never read once pinned the whole ring each. Open replays
+    together now send at most MAX_REPLAY_BYTES: a further request is told busy (and
+    retries); a session without progress for STALL_SECONDS is dropped, which frees its share."""
+    from kvevents_runtime.replay import ReplayService
+
+    monkeypatch.setattr(ReplayService, "MAX_REPLAY_BYTES", 40_000)
+    monkeypatch.setattr(ReplayService, "STALL_SECONDS", 1.0)
+    context = zmq.Context()
+    context.setsockopt(zmq.SNDBUF, 4096)
+    publisher = start(publishers, "sglang", buffer_steps=2000, context=context)
+    for n in range(2000):
+        publisher.publish(big_batch(n))
+    assert wait_until(lambda: publisher.counters()["published"] == 2000, 20)
+    wire = kvevents.Subscriber.wire
+    hog = context.socket(zmq.DEALER)
+    hog.setsockopt(zmq.RCVHWM, 1)
+    hog.setsockopt(zmq.RCVBUF, 4096)
+    honest = context.socket(zmq.DEALER)
+    try:
+        hog.connect(publisher.connect_replay_endpoint)
+        hog.send_multipart(wire.pack_replay_request(0))
+        assert wait_until(
+            lambda: publisher.counters()["replay_bytes_in_flight"] >= 40_000, 10
+        ), publisher.counters()
+        honest.connect(publisher.connect_replay_endpoint)
+        honest.send_multipart(wire.pack_replay_request_with_info(0))
+        assert honest.poll(5000), "no answer"
+        answer = wire.parse_replay_reply(honest.recv_multipart())
+        assert answer.is_info and wire.decode_info(answer.payload).busy, answer
+        assert wait_until(lambda: publisher.counters()["sessions_stalled"] == 1, 10)
+        assert publisher.counters()["replay_bytes_in_flight"] == 0, publisher.counters()
+        items, end = replay(sockets, publisher.connect_replay_endpoint, 1990, timeout=10)
+        assert end is not None and [i.seq for i in items] == list(range(1990, 2000))
+    finally:
+        hog.close(linger=0)
+        honest.close(linger=0)
+        publisher.shutdown()
+        context.destroy(linger=100)

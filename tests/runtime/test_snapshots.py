@@ -337,11 +337,17 @@ def test_a_snapshot_larger_than_one_publisher_round_heals_under_live_traffic(pub
     assert live_state(consumer.state) == truth_of(everything), stats
 
 
-def test_peers_asking_at_the_same_seq_share_one_copy_of_the_block_set(publishers) -> None:
+def test_peers_asking_at_the_same_seq_share_one_copy_of_the_block_set(
+    publishers, monkeypatch
+) -> None:
     """300 peers each asking once used to hold 256 frozen copies (+1.77 GB). A peer that
-    never reads keeps the cut open here, so every later request at the same seq meets it."""
+    never reads keeps the cut open here (its pipe is far smaller than the snapshot), so every
+    later request at the same seq meets it."""
     import zmq
 
+    from kvevents_runtime.replay import ReplayService
+
+    monkeypatch.setattr(ReplayService, "PEER_QUEUE_MESSAGES", 8)
     pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8, snapshots=True)
     publishers.append(pub)
     big_state(pub, 40)
@@ -420,6 +426,9 @@ def test_copies_of_the_block_set_are_bounded_and_stalled_peers_give_theirs_back(
     from kvevents_runtime.replay import ReplayService
 
     monkeypatch.setattr(ReplayService, "STALL_SECONDS", 1.0)
+    # Pipes far smaller than the snapshot's ~150 batches, so a peer that never reads stalls
+    # its session instead of taking the whole snapshot into its pipe.
+    monkeypatch.setattr(ReplayService, "PEER_QUEUE_MESSAGES", 8)
     pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8, snapshots=True)
     publishers.append(pub)
     batches = big_state(pub, 150)

@@ -17,6 +17,7 @@ reason while the feed cannot recover, or when its task has ended.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
 import sys
@@ -43,7 +44,9 @@ MAX_QUERY_TOKENS = 1 << 20
 MAX_QUERY_HASHES = 1 << 16
 LARGE_QUERY = 64 * 1024
 """Body bytes (about 10,000 tokens) up to which a /query is decoded and hashed on the event
-loop (under a millisecond); a larger one is decoded and hashed on a thread."""
+loop (under a millisecond); a larger one is decoded and hashed on the large-query thread."""
+MAX_LARGE_QUERIES = 16
+"""Large queries waiting for (or on) the large-query thread; past it /query answers 503."""
 MAX_NAME = 256
 """Characters in a model name, routing group or topic."""
 MAX_ENDPOINT = 1024
@@ -151,6 +154,12 @@ class IndexService:
         self._feeder: asyncio.Task[None] | None = None
         self.requests = 0
         self.errors = 0
+        self.large_queries_refused = 0
+        self._large_queries = 0
+        # One thread, first come first served: a long prompt is decoded and hashed off the
+        # loop, so short queries are answered meanwhile; long ones wait their turn rather
+        # than share the GIL among themselves and with the loop (two cores, one interpreter).
+        self._large_lane: concurrent.futures.ThreadPoolExecutor | None = None
         self._routes: dict[tuple[str, str], Callable[[bytes, Scope], Awaitable[tuple[int, Any]]]]
         self._routes = {
             ("POST", "/register"): self.register,
@@ -176,6 +185,8 @@ class IndexService:
         for live in self.indexes.values():
             await live.close()
         self.indexes.clear()
+        if self._large_lane is not None:
+            self._large_lane.shutdown(wait=False, cancel_futures=True)
         if self.feed is not None:
             await self.feed.close()
         if self._feeder is not None:
@@ -335,13 +346,28 @@ class IndexService:
             hashes = _hashes(request, live.index.block_size)
         else:
             # Decoding and hashing a long prompt are pure functions of the request: off the
-            # loop, so other clients are answered meanwhile (matching stays on the loop, the
-            # only writer of the index).
-            request = await asyncio.to_thread(_parse, Query, body)
+            # loop (matching stays on the loop, the only writer of the index).
+            request, hashes = await self._off_loop(body)
             live = self._live(request.model_name, request.routing_group)
-            hashes = await asyncio.to_thread(_hashes, request, live.index.block_size)
         index = live.index
         return 200, _scores(index.match(hashes), index.block_size)
+
+    async def _off_loop(self, body: bytes) -> tuple[Query, list[int]]:
+        if self._large_queries >= MAX_LARGE_QUERIES:
+            self.large_queries_refused += 1
+            raise HttpError(503, f"over {MAX_LARGE_QUERIES} large queries waiting: retry")
+        if self._large_lane is None:
+            self._large_lane = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="kvevents-large-query"
+            )
+        self._large_queries += 1
+        try:
+            block_sizes = {key: live.index.block_size for key, live in self.indexes.items()}
+            return await asyncio.get_running_loop().run_in_executor(
+                self._large_lane, _parse_and_hash, body, block_sizes
+            )
+        finally:
+            self._large_queries -= 1
 
     async def query_by_hash(self, body: bytes, scope: Scope) -> tuple[int, Any]:
         request = _parse(QueryByHash, body)
@@ -473,6 +499,7 @@ class IndexService:
                 limits.add_metric(["max_body_bytes"], service.max_body)
                 limits.add_metric(["max_connections"], MAX_CONNECTIONS)
                 limits.add_metric(["max_query_tokens"], MAX_QUERY_TOKENS)
+                limits.add_metric(["max_large_queries"], MAX_LARGE_QUERIES)
                 for (model, group), live in service.indexes.items():
                     for kind, value in {**live.index.counters, **live.counters}.items():
                         counters.add_metric([model, group, kind], value)
@@ -492,6 +519,7 @@ class IndexService:
                 )
                 requests.add_metric(["all"], service.requests)
                 requests.add_metric(["error"], service.errors)
+                requests.add_metric(["large_query_refused"], service.large_queries_refused)
                 feed = service.feed
                 failures = CounterMetricFamily(
                     "kvevents_index_feed_failures", "Polls of the subscriber that raised"
@@ -555,6 +583,16 @@ def _parse(kind: type[Any], body: bytes) -> Any:
         raise HttpError(422, f"invalid {kind.__name__.lower()} request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise HttpError(400, f"malformed JSON body: {exc}") from None
+
+
+def _parse_and_hash(
+    body: bytes, block_sizes: dict[tuple[str, str], int]
+) -> tuple[Query, list[int]]:
+    """A large /query's work off the loop. An unknown model is hashed at nothing: the loop
+    answers it 404 as it does a short query's."""
+    request = _parse(Query, body)
+    block_size = block_sizes.get((request.model_name, request.routing_group))
+    return request, [] if block_size is None else _hashes(request, block_size)
 
 
 def _hashes(request: Query, block_size: int) -> list[int]:
@@ -674,27 +712,35 @@ HEADER_TIMEOUT = 10.0
 """Seconds a connection may take to send a request's headers (a client dripping them)."""
 
 
-def server_config(app: IndexService, header_timeout: float = HEADER_TIMEOUT, **options: Any) -> Any:
-    """uvicorn's settings for the service: the connection cap, a short keep-alive, and a
-    protocol that times out slow headers and answers malformed requests in JSON."""
+def server_config(
+    app: IndexService,
+    header_timeout: float = HEADER_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+    **options: Any,
+) -> Any:
+    """uvicorn's settings for the service: a short keep-alive, and a protocol that caps
+    connections, times out slow headers and answers malformed requests in JSON."""
     import uvicorn
 
     return uvicorn.Config(
         app,
-        http=_guarded_protocol(header_timeout),
+        http=_guarded_protocol(header_timeout, max_connections),
         lifespan="on",
         access_log=False,
-        limit_concurrency=MAX_CONNECTIONS,
+        # The protocol caps connections (HTTP/1.1 runs one request per connection at a
+        # time, so that caps requests too); uvicorn's own cap answers in plain text.
+        limit_concurrency=None,
         timeout_keep_alive=5,
         **options,
     )
 
 
-def _guarded_protocol(header_timeout: float) -> type:
-    """uvicorn's HTTP/1.1 protocol (its C parser when httptools is installed), with two
-    changes: a request whose headers are not complete within `header_timeout` seconds of the
-    connection (or of the previous response) is answered 408 and closed, and a request the
-    parser rejects is answered 400 in the service's JSON, not uvicorn's plain text."""
+def _guarded_protocol(header_timeout: float, max_connections: int) -> type:
+    """uvicorn's HTTP/1.1 protocol (its C parser when httptools is installed), with three
+    changes: a connection past `max_connections` open is answered 503 and closed at once; a
+    request whose headers are not complete within `header_timeout` seconds of the connection
+    (or of the previous response) is answered 408 and closed; and a request the parser
+    rejects is answered 400. All three in the service's JSON, not uvicorn's plain text."""
     try:
         import httptools  # noqa: F401
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
@@ -704,6 +750,9 @@ def _guarded_protocol(header_timeout: float) -> type:
     class GuardedProtocol(Base):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                self._json_error(503, f"over the limit of {max_connections} open connections")
+                return
             self._watch_headers()
 
         def on_response_complete(self) -> None:
@@ -744,7 +793,8 @@ def _guarded_protocol(header_timeout: float) -> type:
 
         def _json_error(self, status: int, message: str) -> None:
             body = _encode({"error": message})
-            reason = {400: b"Bad Request", 408: b"Request Timeout"}[status]
+            reasons = {400: b"Bad Request", 408: b"Request Timeout", 503: b"Service Unavailable"}
+            reason = reasons[status]
             head = b"HTTP/1.1 %d %s\r\n" % (status, reason)
             head += b"content-type: application/json\r\nconnection: close\r\n"
             head += b"content-length: %d\r\n\r\n" % len(body)

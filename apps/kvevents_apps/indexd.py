@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import multiprocessing
 import socket
 import sys
 import time
+from array import array
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any
 
@@ -114,6 +116,9 @@ class HttpError(Exception):
         self.status = status
         self.headers = headers or []
 
+    def __reduce__(self) -> Any:  # raised in the large-query process, re-raised here
+        return (HttpError, (self.status, str(self), self.headers))
+
 
 _decoders = {
     kind: msgspec.json.Decoder(kind) for kind in (Register, Unregister, Query, QueryByHash)
@@ -156,10 +161,12 @@ class IndexService:
         self.errors = 0
         self.large_queries_refused = 0
         self._large_queries = 0
-        # One thread, first come first served: a long prompt is decoded and hashed off the
-        # loop, so short queries are answered meanwhile; long ones wait their turn rather
-        # than share the GIL among themselves and with the loop (two cores, one interpreter).
-        self._large_lane: concurrent.futures.ThreadPoolExecutor | None = None
+        # One worker process, first come first served: decoding a long prompt and packing
+        # its tokens are single C calls that hold the GIL for tens of milliseconds each, so
+        # on a thread they would still stall the loop; in a process of their own short
+        # queries are answered meanwhile, on the other core.
+        self._large_lane: concurrent.futures.Executor | None = None
+        self.large_lane_factory: Callable[[], concurrent.futures.Executor] = _large_query_process
         self._routes: dict[tuple[str, str], Callable[[bytes, Scope], Awaitable[tuple[int, Any]]]]
         self._routes = {
             ("POST", "/register"): self.register,
@@ -347,27 +354,32 @@ class IndexService:
         else:
             # Decoding and hashing a long prompt are pure functions of the request: off the
             # loop (matching stays on the loop, the only writer of the index).
-            request, hashes = await self._off_loop(body)
-            live = self._live(request.model_name, request.routing_group)
+            model, group, hashes = await self._off_loop(body)
+            live = self._live(model, group)
         index = live.index
         return 200, _scores(index.match(hashes), index.block_size)
 
-    async def _off_loop(self, body: bytes) -> tuple[Query, list[int]]:
+    async def _off_loop(self, body: bytes) -> tuple[str, str, list[int]]:
         if self._large_queries >= MAX_LARGE_QUERIES:
             self.large_queries_refused += 1
             raise HttpError(503, f"over {MAX_LARGE_QUERIES} large queries waiting: retry")
         if self._large_lane is None:
-            self._large_lane = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="kvevents-large-query"
-            )
+            self._large_lane = self.large_lane_factory()
+        lane = self._large_lane
         self._large_queries += 1
         try:
             block_sizes = {key: live.index.block_size for key, live in self.indexes.items()}
-            return await asyncio.get_running_loop().run_in_executor(
-                self._large_lane, _parse_and_hash, body, block_sizes
+            model, group, packed = await asyncio.get_running_loop().run_in_executor(
+                lane, _parse_and_hash, body, block_sizes
             )
+        except concurrent.futures.BrokenExecutor:
+            logger.exception("kvevents: the large-query worker died; it is started again")
+            if self._large_lane is lane:
+                self._large_lane = None
+            raise HttpError(503, "the large-query worker died: retry") from None
         finally:
             self._large_queries -= 1
+        return model, group, array("Q", packed).tolist()
 
     async def query_by_hash(self, body: bytes, scope: Scope) -> tuple[int, Any]:
         request = _parse(QueryByHash, body)
@@ -585,14 +597,21 @@ def _parse(kind: type[Any], body: bytes) -> Any:
         raise HttpError(400, f"malformed JSON body: {exc}") from None
 
 
-def _parse_and_hash(
-    body: bytes, block_sizes: dict[tuple[str, str], int]
-) -> tuple[Query, list[int]]:
-    """A large /query's work off the loop. An unknown model is hashed at nothing: the loop
-    answers it 404 as it does a short query's."""
+def _large_query_process() -> concurrent.futures.Executor:
+    # spawn, not fork: the service's process has ZeroMQ's and the event loop's threads.
+    context = multiprocessing.get_context("spawn")
+    return concurrent.futures.ProcessPoolExecutor(1, mp_context=context)
+
+
+def _parse_and_hash(body: bytes, block_sizes: dict[tuple[str, str], int]) -> tuple[str, str, bytes]:
+    """A large /query's work off the loop: its model, routing group and block hashes (packed,
+    so that carrying them back costs one copy). An unknown model is hashed at nothing: the
+    loop answers it 404 as it does a short query's."""
     request = _parse(Query, body)
-    block_size = block_sizes.get((request.model_name, request.routing_group))
-    return request, [] if block_size is None else _hashes(request, block_size)
+    key = (request.model_name, request.routing_group)
+    block_size = block_sizes.get(key)
+    hashes = [] if block_size is None else _hashes(request, block_size)
+    return key[0], key[1], array("Q", hashes).tobytes()
 
 
 def _hashes(request: Query, block_size: int) -> list[int]:

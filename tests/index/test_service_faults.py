@@ -354,11 +354,16 @@ def test_short_queries_are_answered_while_long_ones_wait_their_turn(
 ) -> None:
     """Two clients sending 1M-token queries pushed another client's p99 from 4 to 198 ms:
     decoding and hashing ran on the one event loop. Long prompts are now decoded and hashed
-    on one thread of their own, first come first served, with a bounded line: a short query
-    is answered while long ones are held there, and past the line /query answers 503."""
+    in a lane of their own (a process; a thread here, so the test can hold them), first come
+    first served, with a bounded line: a short query is answered while long ones are held
+    there, and past the line /query answers 503."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from kvevents_apps import indexd
 
     server = service()
+    app = server.server.config.app
+    app.large_lane_factory = lambda: ThreadPoolExecutor(1)
     pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64)
     publishers.append(pub)
     rng = random.Random(3)
@@ -383,7 +388,6 @@ def test_short_queries_are_answered_while_long_ones_wait_their_turn(
 
     body = json.dumps({"token_ids": long_prompt, "model_name": "m"}).encode()
     assert len(body) > indexd.LARGE_QUERY
-    app = server.server.config.app
 
     def long_query() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
@@ -403,9 +407,7 @@ def test_short_queries_are_answered_while_long_ones_wait_their_turn(
         for _ in range(5):  # short queries go by while both long ones are held
             assert score(server, tokens) == {"1": {"0": 3 * BS}}
         assert not answers, answers
-        status, body = server.call(
-            "POST", "/query", {"token_ids": long_prompt, "model_name": "m"}
-        )
+        status, body = server.call("POST", "/query", {"token_ids": long_prompt, "model_name": "m"})
         assert status == 503 and "large queries waiting" in body["error"], (status, body)
     finally:
         gate.set()
@@ -413,3 +415,36 @@ def test_short_queries_are_answered_while_long_ones_wait_their_turn(
             client.join(30)
     assert [a[0] for a in answers] == [200, 200], answers
     assert all(a[1]["scores"] == {"1": {"0": 3 * BS}} for a in answers), answers
+
+
+def test_long_queries_are_answered_from_the_large_query_process(service, publishers) -> None:
+    """The lane the service really uses: a process, whose errors come back as the same JSON
+    answers a short query gets, and which is started again if it dies."""
+    import os
+    import signal
+
+    server = service()
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64)
+    publishers.append(pub)
+    rng = random.Random(4)
+    tokens, hashes = chain(rng, 3)
+    assert register(server, 1, pub) == 201
+    publish(pub, stored(hashes, tokens))
+    assert wait_until(lambda: score(server, tokens) == {"1": {"0": 3 * BS}}, 10)
+    long_prompt = tokens + [rng.randrange(50_000) for _ in range(20_000)]
+    assert score(server, long_prompt) == {"1": {"0": 3 * BS}}
+    status, body = server.call("POST", "/query", {"token_ids": long_prompt, "model_name": "x"})
+    assert status == 404 and "no indexer for model=x" in body["error"], body
+    status, body = server.call(
+        "POST", "/query", {"token_ids": [*long_prompt, 1 << 32], "model_name": "m"}
+    )
+    assert status == 422 and "unsigned 32-bit" in body["error"], body
+    lane = server.server.config.app._large_lane
+    (pid,) = [process.pid for process in lane._processes.values()]
+    os.kill(pid, signal.SIGKILL)
+    answers = [server.call("POST", "/query", {"token_ids": long_prompt, "model_name": "m"})]
+    if answers[0][0] == 503:  # the query that met the dead worker; the next starts a new one
+        assert "worker died" in answers[0][1]["error"], answers
+        answers.append(server.call("POST", "/query", {"token_ids": long_prompt, "model_name": "m"}))
+    assert answers[-1][0] == 200, answers
+    assert answers[-1][1]["scores"] == {"1": {"0": 3 * BS}}, answers

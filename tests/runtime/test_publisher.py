@@ -508,9 +508,9 @@ def test_replays_share_a_global_byte_budget_and_a_peer_that_never_reads_is_dropp
     try:
         hog.connect(publisher.connect_replay_endpoint)
         hog.send_multipart(wire.pack_replay_request(0))
-        assert wait_until(
-            lambda: publisher.counters()["replay_bytes_in_flight"] >= 40_000, 10
-        ), publisher.counters()
+        assert wait_until(lambda: publisher.counters()["replay_bytes_in_flight"] >= 40_000, 10), (
+            publisher.counters()
+        )
         honest.connect(publisher.connect_replay_endpoint)
         honest.send_multipart(wire.pack_replay_request_with_info(0))
         assert honest.poll(5000), "no answer"

@@ -1,8 +1,10 @@
-"""`python -m bench [--quick] [--out DIR] [--baseline OLD.json]`: the side-by-side benchmark
-(`nox -s bench`).
+"""`python -m bench [--quick] [--only SECTION,...] [--out DIR] [--baseline OLD.json]`: the
+side-by-side benchmark (`nox -s bench`).
 
 Writes DIR/results.md (also printed), DIR/results.json and DIR/ratios.png. The exit status
 is 0 whether or not the targets are met: they are figures of the run, not assertions.
+`--only index` (or any of the sections, comma-separated) reruns those sections alone, into
+bench/results/partial unless `--out` says otherwise: the checked-in report is one whole run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ from pathlib import Path
 
 from . import baseline, report
 from .references import ReferenceUnavailable
-from .run import Settings, run_all
+from .run import SECTIONS, Settings, run_all
+
+
+def _sections(text: str) -> frozenset[str]:
+    names = frozenset(name.strip() for name in text.split(",") if name.strip())
+    unknown = sorted(names - set(SECTIONS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown section {', '.join(unknown) or '(none)'}: choose from {', '.join(SECTIONS)}"
+        )
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         help="few, small repetitions: a smoke run, not figures to quote",
     )
     parser.add_argument(
+        "--only",
+        type=_sections,
+        help=f"comma-separated sections to run alone ({', '.join(SECTIONS)})",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
-        default=Path("bench/results"),
-        help="where the report goes (default: bench/results)",
+        help="where the report goes (default: bench/results, or bench/results/partial with --only)",
     )
     parser.add_argument(
         "--baseline",
@@ -36,16 +52,21 @@ def main(argv: list[str] | None = None) -> int:
         help="an earlier results.json: append a before/after table of every kvevents row",
     )
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path("bench/results/partial" if args.only else "bench/results")
     # Read first: the baseline may be the report this run overwrites.
     base = json.loads(args.baseline.read_text(encoding="utf-8")) if args.baseline else None
     settings = Settings.quick() if args.quick else Settings()
     try:
-        results = run_all(settings)
+        results = run_all(settings, args.only)
     except ReferenceUnavailable as exc:
         print(f"bench: a reference publisher is unavailable: {exc}", file=sys.stderr)
         return 2
     verdict = report.targets(results)
-    command = "nox -s bench" + (" -- --quick" if args.quick else "")
+    extra = (["--quick"] if args.quick else []) + (
+        [f"--only {','.join(sorted(args.only))}"] if args.only else []
+    )
+    command = "nox -s bench" + (" -- " + " ".join(extra) if extra else "")
     text = report.markdown(results, verdict, command)
     if base is not None:
         current = json.loads(report.to_json(results, verdict))

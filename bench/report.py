@@ -94,6 +94,24 @@ def _filed_rate_target(delivered: dict[tuple[str, str, str], Any]) -> dict[str, 
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target whose section the run measured (`python -m bench --only` runs some)."""
+    out = []
+    if "live" in results:
+        out += _live_targets(results)
+    if "replay" in results:
+        out += _replay_targets(results)
+    if "codec" in results:
+        out += _decode_targets(results)
+    if "delivered" in results:
+        out += _subscriber_targets(results)
+    if "index" in results:
+        out += _index_targets(results["index"])
+    if "rss" in results:
+        out += _rss_targets(results)
+    return out
+
+
+def _live_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     live = results["live"]
     labels = results["impls"]
 
@@ -225,6 +243,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
 
+    return out
+
+
+def _replay_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    labels = results["impls"]
+    out = []
     replay_rows = results["replay"]
 
     def rf(key: str, size: int, case: str, name: str) -> float | None:
@@ -276,6 +300,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
 
+    return out
+
+
+def _decode_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    labels = results["impls"]
+    out = []
     decode = results["codec"]["decode"]
     rows = [
         _row(
@@ -298,6 +328,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
 
+    return out
+
+
+def _subscriber_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    decode = results["codec"]["decode"]
+    out = []
     delivered = results["delivered"]
     rows = []
     for shape in SHAPES:
@@ -335,10 +371,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     )
 
     out.append(_filed_rate_target(delivered))
+    return out
 
-    if "index" in results:
-        out += _index_targets(results["index"])
 
+def _rss_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    labels = results["impls"]
+    out = []
     rows = [
         _row(f"{labels[key]}", row["growth_kib"], RSS_FLAT_KIB, False)
         for key, row in results["rss"].items()
@@ -391,157 +429,170 @@ def markdown(results: dict[str, Any], verdict: list[dict[str, Any]], command: st
     for t in verdict:
         if not t["met"]:
             parts.append(f"- *{t['id']}* not met: {t['bound']}.")
-    parts += ["", "## End to end (subscriber in another process)", ""]
-    ref_of = {ours: ref for ours, ref in PAIRS}
-    rows = []
-    for (sender, shape, transport), row in results["live"].items():
-        f = row["figures"]
-        reference = ref_of.get(sender)
-        vs = ""
-        if reference:
-            other = results["live"].get((reference, shape, transport))
-            vs = _x(
-                ratio(f["batches_per_s"].median, other and other["figures"]["batches_per_s"].median)
+    if "live" in results:
+        parts += ["", "## End to end (subscriber in another process)", ""]
+        ref_of = {ours: ref for ours, ref in PAIRS}
+        rows = []
+        for (sender, shape, transport), row in results["live"].items():
+            f = row["figures"]
+            reference = ref_of.get(sender)
+            vs = ""
+            if reference:
+                other = results["live"].get((reference, shape, transport))
+                vs = _x(
+                    ratio(
+                        f["batches_per_s"].median,
+                        other and other["figures"]["batches_per_s"].median,
+                    )
+                )
+            rows.append(
+                [
+                    f"({shape})",
+                    transport,
+                    labels[sender],
+                    f["batches_per_s"].text(),
+                    f["events_per_s"].text(),
+                    vs,
+                    f["publish_wall_us"].text(),
+                    f["publish_cpu_us"].text(),
+                    f["thread_cpu_us"].text(),
+                    str(sum(row["dropped"])) + ("" if row["in_order"] else ", out of order"),
+                ]
             )
-        rows.append(
-            [
-                f"({shape})",
-                transport,
-                labels[sender],
-                f["batches_per_s"].text(),
-                f["events_per_s"].text(),
-                vs,
-                f["publish_wall_us"].text(),
-                f["publish_cpu_us"].text(),
-                f["thread_cpu_us"].text(),
-                str(sum(row["dropped"])) + ("" if row["in_order"] else ", out of order"),
-            ]
-        )
-    rows.sort(key=lambda r: (r[0], r[1]))
-    parts += [
-        _table(
-            [
-                "shape",
-                "transport",
-                "publisher",
-                "batches/s",
-                "events/s",
-                "vs reference",
-                "publish() wall µs",
-                "publish() CPU µs",
-                "thread CPU µs/batch",
-                "dropped",
-            ],
-            rows,
-        ),
-        "",
-        "publish() is timed over the whole loop of calls made as fast as the caller can; for the raw sender it is the send loop itself.",
-        "",
-        "## Subscriber delivered rate (received, decoded, in order)",
-        "",
-    ]
-    rows = []
-    for (consumer, shape, transport), row in sorted(
-        results["delivered"].items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])
-    ):
-        vs = (
-            _x(_advantage(results["delivered"], consumer, shape, transport))
-            if consumer == "kvevents" and ("vllm_example", shape, transport) in results["delivered"]
-            else ""
-        )
-        name = CONSUMER_LABELS[consumer]
-        rows.append(
-            [
-                f"({shape})",
-                transport,
-                name,
-                row["figures"]["batches_per_s"].text(),
-                vs,
-                str(sum(row["dropped"])),
-            ]
-        )
-    parts += [
-        _table(["shape", "transport", "consumer", "batches/s", "ratio", "dropped"], rows),
-        "",
-        "## Replay (shape (a) buffer, DEALER client in another process)",
-        "",
-    ]
-    rows = []
-    for (key, size, case), row in sorted(
-        results["replay"].items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])
-    ):
-        f = row["figures"]
-        missing = f", END missing {row['end_missing']}×" if row["end_missing"] else ""
-        rows.append(
-            [
-                f"{size:,}",
-                case,
-                results["impls"][key],
-                f["latency_us"].text(),
-                f["per_entry_us"].text(),
-                f"{max(row['entries'], default=0):,}{missing}",
-            ]
-        )
-    parts += [
-        _table(["buffer", "request", "publisher", "latency µs", "µs per entry", "entries"], rows),
-        "",
-        "## Decoding and encoding (µs per batch)",
-        "",
-    ]
-    rows = []
-    for (ref, shape), f in results["codec"]["decode"].items():
-        rows.append(
-            [
-                f"({shape})",
-                results["impls"][ref],
-                f["tolerant_us"].text(),
-                f["typed_us"].text(),
-                _x(ratio(f["tolerant_us"].median, f["typed_us"].median)),
-            ]
-        )
-    parts += [
-        _table(
-            ["shape", "bytes of", "kvevents.decode (tolerant)", "typed msgspec decode", "ratio"],
-            rows,
-        ),
-        "",
-    ]
-    rows = [[f"({shape})", f.text()] for shape, f in results["codec"]["encode"].items()]
-    parts += [
-        _table(["shape", "msgspec encode alone µs"], rows),
-        "",
-        "## Peak RSS of the publisher process",
-        "",
-    ]
-    rows = []
-    for key, row in results["rss"].items():
-        samples = [kib for _, kib in row["samples_kib"]]
-        rows.append(
-            [
-                results["impls"][key],
-                f"{results['settings']['rss_batches']:,}",
-                f"{samples[0] / 1024:.1f}" if samples else "n/a",
-                f"{row['peak_kib'] / 1024:.1f}",
-                f"{row['growth_kib'] / 1024:.2f}",
-                f"{row['seconds']:.1f}",
-                str(row["dropped"]),
-            ]
-        )
-    parts += [
-        _table(
-            [
-                "publisher",
-                "batches",
-                "RSS at first tenth MiB",
-                "peak MiB",
-                "growth MiB",
-                "seconds",
-                "dropped",
-            ],
-            rows,
-        ),
-        "",
-    ]
+        rows.sort(key=lambda r: (r[0], r[1]))
+        parts += [
+            _table(
+                [
+                    "shape",
+                    "transport",
+                    "publisher",
+                    "batches/s",
+                    "events/s",
+                    "vs reference",
+                    "publish() wall µs",
+                    "publish() CPU µs",
+                    "thread CPU µs/batch",
+                    "dropped",
+                ],
+                rows,
+            ),
+            "",
+            "publish() is timed over the whole loop of calls made as fast as the caller can; for the raw sender it is the send loop itself.",
+            "",
+        ]
+    if "delivered" in results:
+        parts += ["## Subscriber delivered rate (received, decoded, in order)", ""]
+        rows = []
+        for (consumer, shape, transport), row in sorted(
+            results["delivered"].items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])
+        ):
+            vs = (
+                _x(_advantage(results["delivered"], consumer, shape, transport))
+                if consumer == "kvevents"
+                and ("vllm_example", shape, transport) in results["delivered"]
+                else ""
+            )
+            name = CONSUMER_LABELS[consumer]
+            rows.append(
+                [
+                    f"({shape})",
+                    transport,
+                    name,
+                    row["figures"]["batches_per_s"].text(),
+                    vs,
+                    str(sum(row["dropped"])),
+                ]
+            )
+        parts += [
+            _table(["shape", "transport", "consumer", "batches/s", "ratio", "dropped"], rows),
+            "",
+        ]
+    if "replay" in results:
+        parts += ["## Replay (shape (a) buffer, DEALER client in another process)", ""]
+        rows = []
+        for (key, size, case), row in sorted(
+            results["replay"].items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])
+        ):
+            f = row["figures"]
+            missing = f", END missing {row['end_missing']}×" if row["end_missing"] else ""
+            rows.append(
+                [
+                    f"{size:,}",
+                    case,
+                    results["impls"][key],
+                    f["latency_us"].text(),
+                    f["per_entry_us"].text(),
+                    f"{max(row['entries'], default=0):,}{missing}",
+                ]
+            )
+        parts += [
+            _table(
+                ["buffer", "request", "publisher", "latency µs", "µs per entry", "entries"], rows
+            ),
+            "",
+        ]
+    if "codec" in results:
+        parts += ["## Decoding and encoding (µs per batch)", ""]
+        rows = []
+        for (ref, shape), f in results["codec"]["decode"].items():
+            rows.append(
+                [
+                    f"({shape})",
+                    results["impls"][ref],
+                    f["tolerant_us"].text(),
+                    f["typed_us"].text(),
+                    _x(ratio(f["tolerant_us"].median, f["typed_us"].median)),
+                ]
+            )
+        parts += [
+            _table(
+                [
+                    "shape",
+                    "bytes of",
+                    "kvevents.decode (tolerant)",
+                    "typed msgspec decode",
+                    "ratio",
+                ],
+                rows,
+            ),
+            "",
+        ]
+        rows = [[f"({shape})", f.text()] for shape, f in results["codec"]["encode"].items()]
+        parts += [
+            _table(["shape", "msgspec encode alone µs"], rows),
+            "",
+        ]
+    if "rss" in results:
+        parts += ["## Peak RSS of the publisher process", ""]
+        rows = []
+        for key, row in results["rss"].items():
+            samples = [kib for _, kib in row["samples_kib"]]
+            rows.append(
+                [
+                    results["impls"][key],
+                    f"{results['settings']['rss_batches']:,}",
+                    f"{samples[0] / 1024:.1f}" if samples else "n/a",
+                    f"{row['peak_kib'] / 1024:.1f}",
+                    f"{row['growth_kib'] / 1024:.2f}",
+                    f"{row['seconds']:.1f}",
+                    str(row["dropped"]),
+                ]
+            )
+        parts += [
+            _table(
+                [
+                    "publisher",
+                    "batches",
+                    "RSS at first tenth MiB",
+                    "peak MiB",
+                    "growth MiB",
+                    "seconds",
+                    "dropped",
+                ],
+                rows,
+            ),
+            "",
+        ]
     if "snapshot" in results:
         parts += _snapshot_section(results["snapshot"])
     if "index" in results:

@@ -216,30 +216,49 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_all(settings: Settings) -> dict[str, Any]:
+SECTIONS = ("codec", "live", "replay", "rss", "snapshot", "index", "mock")
+"""What `python -m bench --only` can select; `live` measures publishers and subscribers."""
+
+
+def run_all(settings: Settings, only: frozenset[str] | None = None) -> dict[str, Any]:
+    """Every section, or those in `only` (`live` brings `codec`: its targets are judged
+    against encoding alone)."""
+    wanted = set(SECTIONS if only is None else only)
+    if "live" in wanted:
+        wanted.add("codec")
     started = time.monotonic()
-    _log("loading the reference publishers from their wheels")
-    impls = load_impls()
-    check_same_bytes(impls)
     results: dict[str, Any] = {
         "machine": machine(),
         "settings": settings.__dict__,
-        "impls": {key: impl.label for key, impl in impls.items()},
+        "impls": {},
+        "sections": [name for name in SECTIONS if name in wanted],
     }
-    results["codec"] = measure_codec(impls, settings)
-    agent = Agent()
-    try:
-        # Collections triggered by the setup of one run must not land inside another's timing.
-        gc.collect()
-        results.update(measure_live(agent, impls, settings))
-        results["replay"] = measure_replay(agent, impls, settings)
-    finally:
-        agent.close()
-    results["rss"] = measure_rss(impls, settings)
-    results["snapshot"] = snapshot.measure(settings.snapshot_blocks, settings.reps)
-    _log("snapshots done")
-    results["index"] = measure_index(settings)
-    results["mock"] = mock.measure(settings.reps)
-    _log("mock engine done")
+    if wanted & {"codec", "live", "replay", "rss"}:
+        _log("loading the reference publishers from their wheels")
+        impls = load_impls()
+        check_same_bytes(impls)
+        results["impls"] = {key: impl.label for key, impl in impls.items()}
+        results["codec"] = measure_codec(impls, settings)
+        if wanted & {"live", "replay"}:
+            agent = Agent()
+            try:
+                # Collections triggered by the setup of one run must not land inside another's timing.
+                gc.collect()
+                if "live" in wanted:
+                    results.update(measure_live(agent, impls, settings))
+                if "replay" in wanted:
+                    results["replay"] = measure_replay(agent, impls, settings)
+            finally:
+                agent.close()
+        if "rss" in wanted:
+            results["rss"] = measure_rss(impls, settings)
+    if "snapshot" in wanted:
+        results["snapshot"] = snapshot.measure(settings.snapshot_blocks, settings.reps)
+        _log("snapshots done")
+    if "index" in wanted:
+        results["index"] = measure_index(settings)
+    if "mock" in wanted:
+        results["mock"] = mock.measure(settings.reps)
+        _log("mock engine done")
     results["seconds"] = time.monotonic() - started
     return results

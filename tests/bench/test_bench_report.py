@@ -204,3 +204,22 @@ def test_the_baseline_table_flags_a_row_only_when_the_advantage_falls():
     )
     _, improved = baseline.compare(_as_json(6.0), _as_json(8.0))
     assert improved == []
+
+
+def test_a_partial_run_reports_and_judges_only_its_sections():
+    """`python -m bench --only ...`: a section left out is neither rendered nor judged (it
+    used to be a KeyError: every part of the report assumed a whole run)."""
+    whole = synthetic(speedup=2)
+    partial = {key: whole[key] for key in ("machine", "settings", "impls", "seconds", "replay")}
+    verdict = report.targets(partial)
+    assert [t["id"] for t in verdict] == ["replay_tail", "replay_full"]
+    text = report.markdown(partial, verdict, "nox -s bench -- --only replay")
+    assert "## Replay" in text and "## End to end" not in text and "## Peak RSS" not in text
+
+
+def test_only_names_known_sections():
+    from bench.__main__ import _sections
+
+    assert _sections("index, snapshot") == {"index", "snapshot"}
+    with pytest.raises(Exception, match="unknown section nope: choose from codec, live"):
+        _sections("index,nope")

@@ -31,7 +31,14 @@ import msgspec
 from msgspec import Meta
 
 from kvevents import EndpointError, SourceLimitError, check_endpoint
-from kvevents.index import IndexFeed, LiveIndex, Match, local_block_hashes
+from kvevents.index import (
+    IndexBackend,
+    IndexFeed,
+    LiveIndex,
+    Match,
+    WorkerState,
+    local_block_hashes,
+)
 
 logger = logging.getLogger("kvevents.index")
 
@@ -143,6 +150,7 @@ class IndexService:
         max_body: int = MAX_BODY,
         body_timeout: float = BODY_TIMEOUT,
         unhealthy_after: float = UNHEALTHY_AFTER,
+        backend_factory: Callable[[int], IndexBackend] | None = None,
     ) -> None:
         self.block_size = block_size
         self.model_name = model_name
@@ -154,6 +162,8 @@ class IndexService:
         self.max_sources = max_sources
         self.body_timeout = body_timeout
         self.unhealthy_after = unhealthy_after
+        self.backend_factory = backend_factory
+        """Makes each model's index backend from its block size (in memory by default)."""
         self.indexes: dict[tuple[str, str], LiveIndex] = {}
         self.feed: IndexFeed | None = None
         self._feeder: asyncio.Task[None] | None = None
@@ -207,7 +217,8 @@ class IndexService:
         live = self.indexes.get(key)
         if live is None:
             assert self.feed is not None, "the service has not started"
-            live = LiveIndex(block_size, feed=self.feed)
+            backend = None if self.backend_factory is None else self.backend_factory(block_size)
+            live = LiveIndex(block_size, backend=backend, feed=self.feed)
             self.indexes[key] = live
         return live
 
@@ -310,13 +321,13 @@ class IndexService:
             _check_scheme(endpoint)
         key = (request.model_name, request.routing_group)
         existing = self.indexes.get(key)
-        block_size = request.block_size or (existing.index.block_size if existing else None)
+        block_size = request.block_size or (existing.block_size if existing else None)
         if block_size is None:
             raise HttpError(400, "block_size is required for the first worker of a model")
-        if existing is not None and existing.index.block_size != block_size:
+        if existing is not None and existing.block_size != block_size:
             raise HttpError(
                 400,
-                f"block_size {block_size} differs from {existing.index.block_size} "
+                f"block_size {block_size} differs from {existing.block_size} "
                 f"of model={request.model_name} routing_group={request.routing_group}",
             )
         live = self._index_for(*key, block_size)
@@ -350,14 +361,13 @@ class IndexService:
         if len(body) <= LARGE_QUERY:
             request = _parse(Query, body)
             live = self._live(request.model_name, request.routing_group)
-            hashes = _hashes(request, live.index.block_size)
+            hashes = _hashes(request, live.block_size)
         else:
             # Decoding and hashing a long prompt are pure functions of the request: off the
             # loop (matching stays on the loop, the only writer of the index).
             model, group, hashes = await self._off_loop(body)
             live = self._live(model, group)
-        index = live.index
-        return 200, _scores(index.match(hashes), index.block_size)
+        return 200, _scores(live.match(hashes), live.block_size)
 
     async def _off_loop(self, body: bytes) -> tuple[str, str, list[int]]:
         if self._large_queries >= MAX_LARGE_QUERIES:
@@ -368,7 +378,7 @@ class IndexService:
         lane = self._large_lane
         self._large_queries += 1
         try:
-            block_sizes = {key: live.index.block_size for key, live in self.indexes.items()}
+            block_sizes = {key: live.block_size for key, live in self.indexes.items()}
             model, group, packed = await asyncio.get_running_loop().run_in_executor(
                 lane, _parse_and_hash, body, block_sizes
             )
@@ -388,8 +398,8 @@ class IndexService:
         if any(not -(2**63) <= h <= U64 for h in request.block_hashes):
             raise HttpError(422, "block_hashes must be 64-bit integers")
         live = self._live(request.model_name, request.routing_group)
-        answer = live.index.match([h & U64 for h in request.block_hashes])
-        return 200, _scores(answer, live.index.block_size)
+        answer = live.match([h & U64 for h in request.block_hashes])
+        return 200, _scores(answer, live.block_size)
 
     async def workers(self, body: bytes, scope: Scope) -> tuple[int, Any]:
         wanted = _query_string(scope)
@@ -408,12 +418,13 @@ class IndexService:
                         "status": "active",
                         "model_name": model,
                         "routing_group": group,
-                        "block_size": live.index.block_size,
+                        "block_size": live.block_size,
                         "endpoints": {},
                         "listeners": {},
                     },
                 )
-                status, silent_for = _liveness(live, (worker_id, dp_rank))
+                state = live.state((worker_id, dp_rank))
+                status, silent_for = _liveness(state)
                 entry["endpoints"][str(dp_rank)] = endpoint
                 entry["listeners"][str(dp_rank)] = {
                     "endpoint": endpoint,
@@ -434,11 +445,11 @@ class IndexService:
         yield b"{"
         for number, ((model, group), live) in enumerate(list(self.indexes.items())):
             head = _encode(f"{model}:{group}") + b':{"block_size":'
-            yield (b"," if number else b"") + head + _encode(live.index.block_size) + b',"events":['
+            yield (b"," if number else b"") + head + _encode(live.block_size) + b',"events":['
             event_id = 0
-            for worker_id, dp_rank in list(live.index.workers):
+            for worker_id, dp_rank in live.workers:
                 events = []
-                for parent, blocks in live.index.chains((worker_id, dp_rank)):
+                for parent, blocks in live.chains((worker_id, dp_rank)):
                     event_id += 1
                     stored = {
                         "parent_hash": None if parent is None else _u64(parent),
@@ -513,13 +524,13 @@ class IndexService:
                 limits.add_metric(["max_query_tokens"], MAX_QUERY_TOKENS)
                 limits.add_metric(["max_large_queries"], MAX_LARGE_QUERIES)
                 for (model, group), live in service.indexes.items():
-                    for kind, value in {**live.index.counters, **live.counters}.items():
+                    for kind, value in live.all_counters().items():
                         counters.add_metric([model, group, kind], value)
-                    entries.add_metric([model, group], live.index.entries())
-                    stale.add_metric([model, group], len(live.index.stale))
+                    entries.add_metric([model, group], live.entries())
+                    stale.add_metric([model, group], len(live.stale))
                     workers.add_metric([model, group], len(live.workers))
                     for worker in live.workers:
-                        _, silent_for = _liveness(live, worker)
+                        _, silent_for = _liveness(live.state(worker))
                         silence_value = -1.0 if silent_for is None else silent_for
                         silence.add_metric(
                             [model, group, str(worker[0]), str(worker[1])], silence_value
@@ -549,17 +560,12 @@ class IndexService:
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-def _liveness(live: LiveIndex, worker: Any) -> tuple[str, float | None]:
-    """What a worker's stream says now: "connecting" (nothing ever arrived), "silent"
-    (nothing for the subscriber's stale_after), "stale" (the index cannot vouch for its
-    entries) or "active"; and the seconds since its last message."""
-    source = live.source(worker)
-    if source is None or not source.heard:
+def _liveness(state: WorkerState | None) -> tuple[str, float | None]:
+    """A listener's status and seconds since its last message (a worker unregistered while
+    the answer was made reads as connecting)."""
+    if state is None:
         return "connecting", None
-    silent_for = round(time.monotonic() - source.last_activity, 3)
-    if worker in live.index.stale:
-        return "stale", silent_for
-    return ("silent" if source.stale else "active"), silent_for
+    return state.status, state.silent_for
 
 
 def _scores(answer: dict[Any, Match], block_size: int) -> dict[str, Any]:

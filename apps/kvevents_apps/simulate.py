@@ -373,7 +373,7 @@ class Simulation:
             return self.rng.randrange(count)
         blocks = len(hashes)
         if self.policy == "kv":
-            answer = self.live.index.query(request.tokens)
+            answer = self.live.query(request.tokens)
             overlap = {w[0]: m.blocks for w, m in answer.items() if not m.stale and w[0] < count}
         else:
             overlap = {
@@ -429,18 +429,17 @@ class Simulation:
                 counters = worker.engine.publisher.counters()
                 if counters["queue_depth"]:
                     return False
-                source = live.source((number, 0))
-                if source is None or source.sequencer.outstanding is not None:
+                state = live.state((number, 0))
+                if state is None or state.syncing:
                     return False
-                if (source.expected or 0) < counters["next_seq"]:
+                if (state.expected or 0) < counters["next_seq"]:
                     return False
             return True
 
         def healed() -> bool:
             # A stale worker whose publisher keeps snapshots is healed by the next one.
             return not any(
-                (source := live.source(w)) is not None and source.sequencer.snapshots_available
-                for w in live.index.stale
+                (state := live.state(w)) is not None and state.snapshots for w in live.stale
             )
 
         while not (caught_up() and healed()) and time.monotonic() < deadline:
@@ -449,9 +448,9 @@ class Simulation:
         mismatches = 0
         unflagged = 0
         per_worker = {}
-        stale = sorted(w[0] for w in live.index.stale)
+        stale = sorted(w[0] for w in live.stale)
         for number, worker in enumerate(self.workers):
-            held = set(live.index.lookup.get((number, 0), {}))
+            held = live.engine_blocks((number, 0))
             truth = worker.engine.blocks()
             diff = len(held ^ truth)
             per_worker[number] = diff
@@ -464,7 +463,7 @@ class Simulation:
             "per_worker": per_worker,
             "stale_workers": stale,
             "caught_up": caught_up(),
-            "index_counters": dict(live.index.counters),
+            "index_counters": live.all_counters(),
         }
 
 

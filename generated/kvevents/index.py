@@ -9,12 +9,15 @@ engines' caches, and `LiveIndex`, the index kept up to date by `kvevents.aio.Sub
         live.query(token_ids)   # {(worker_id, dp_rank): Match(blocks, gpu, cpu, disk, ...)}
 
 Many indexes (one per model) share one subscriber and one poll through an `IndexFeed`:
-`LiveIndex(block_size, feed=feed)`, and run `feed.run()` once.
+`LiveIndex(block_size, feed=feed)`, and run `feed.run()` once. Where the entries are kept is
+an `IndexBackend` (`LiveIndex(block_size, backend=...)`; `PrefixIndex`, in memory, by default).
 """
 
+from kvevents_runtime.backend import IndexBackend
 from kvevents_runtime.blockhash import SEED, block_seed, local_block_hashes
 from kvevents_runtime.feed import IndexFeed as _RuntimeIndexFeed
 from kvevents_runtime.liveindex import LiveIndex as _RuntimeLiveIndex
+from kvevents_runtime.liveindex import WorkerState
 from kvevents_runtime.prefix import COUNTER_NAMES, TIER_NAMES, Match, PrefixIndex, Worker
 
 from . import aio
@@ -34,11 +37,13 @@ __all__ = [
     "COUNTER_NAMES",
     "SEED",
     "TIER_NAMES",
+    "IndexBackend",
     "IndexFeed",
     "LiveIndex",
     "Match",
     "PrefixIndex",
     "Worker",
+    "WorkerState",
     "block_seed",
     "local_block_hashes",
 ]

@@ -25,27 +25,61 @@ Several indexes (one per model) share one subscriber and one poll through an `In
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
+from .backend import IndexBackend, Worker
 from .feed import IndexFeed
-from .prefix import PrefixIndex, Worker
+from .prefix import Match, PrefixIndex
 from .subscriber import Notice
 
 logger = logging.getLogger("kvevents.index")
 
 
+@dataclass(frozen=True)
+class WorkerState:
+    """What one worker's stream and entries are doing now, as routers and tools need it."""
+
+    status: str
+    """"connecting" (nothing ever arrived), "silent" (nothing for the subscriber's
+    `stale_after`), "stale" (the index cannot vouch for its entries) or "active"."""
+    silent_for: float | None
+    """Seconds since its last message; None before the first."""
+    syncing: bool
+    """A replay, snapshot or info request is in flight for it."""
+    expected: int | None
+    """The next seq its stream is to deliver."""
+    snapshots: bool
+    """Its publisher keeps snapshots (a stale worker heals by itself)."""
+    stale_reason: str | None
+
+
 class LiveIndex:
-    """`await register(...)`, run `await live.run()` as a task, and `query` from the loop."""
+    """`await register(...)`, run `await live.run()` as a task, and `query` from the loop.
+    Everything a router needs is a method here; the entries live in a backend
+    (`IndexBackend`, in memory by default)."""
 
     feed_class: type[IndexFeed]
     """The feed bound to a wire, set by the generated face (kvevents.index)."""
 
     def __init__(
-        self, block_size: int = 16, *, feed: IndexFeed | None = None, **subscriber_options: Any
+        self,
+        block_size: int = 16,
+        *,
+        backend: IndexBackend | None = None,
+        feed: IndexFeed | None = None,
+        **subscriber_options: Any,
     ) -> None:
         if feed is not None and subscriber_options:
             raise ValueError("subscriber options belong to the shared feed")
-        self.index = PrefixIndex(block_size)
+        if backend is not None and backend.block_size != block_size:
+            raise ValueError(
+                f"block_size {block_size} differs from the backend's {backend.block_size}"
+            )
+        self.backend: IndexBackend = PrefixIndex(block_size) if backend is None else backend
         self._own_feed = feed is None
         self._feed = feed if feed is not None else self.feed_class(**subscriber_options)
         self._workers: dict[Worker, Any] = {}
@@ -105,7 +139,7 @@ class LiveIndex:
         self._by_source[source.index] = worker
         self._epochs[worker] = 0
         self._endpoints[worker] = (endpoint, replay_endpoint)
-        self.index.add_worker(worker)
+        self.backend.add_worker(worker)
 
     async def unregister(self, worker_id: int, dp_rank: int | None = None) -> int:
         """Stop following a worker (every DP rank when `dp_rank` is None) and drop its
@@ -118,7 +152,7 @@ class LiveIndex:
                 await self._feed.remove_source(source)
             self._epochs.pop(worker, None)
             self._endpoints.pop(worker, None)
-            self.index.remove_worker(worker)
+            self.backend.remove_worker(worker)
         return len(gone)
 
     @property
@@ -141,7 +175,7 @@ class LiveIndex:
         # if the stream starts at seq 0 (otherwise history lost and a snapshot heal it).
         self._epochs[worker] = -1
         self._asked.discard(worker)
-        self.index.mark_stale(worker, "followed anew after the feed failed")
+        self.backend.mark_stale(worker, "followed anew after the feed failed")
 
     def source(self, worker: Worker) -> Any:
         """The worker's subscriber source (its sequencer says what the stream is doing), or
@@ -169,14 +203,14 @@ class LiveIndex:
                 logger.exception(
                     "kvevents index: batch seq %d of worker %s not applied", delivery.seq, worker
                 )
-                self.index.mark_stale(worker, f"a batch could not be applied: {exc!r}")
+                self.backend.mark_stale(worker, f"a batch could not be applied: {exc!r}")
                 continue
             applied += 1
         self.counters["batches"] += applied
         return applied
 
     def _take(self, worker: Worker, delivery: Any) -> None:
-        index = self.index
+        index = self.backend
         if delivery.epoch != self._epochs[worker]:
             self._epochs[worker] = delivery.epoch
             self._asked.discard(worker)
@@ -194,7 +228,7 @@ class LiveIndex:
 
     async def heal(self) -> None:
         """Ask a snapshot of every stale worker whose publisher keeps them (once each)."""
-        for worker in [w for w in self.index.stale if w not in self._asked]:
+        for worker in [w for w in self.backend.stale if w not in self._asked]:
             source = self._workers.get(worker)
             if source is not None and source.sequencer.snapshots_available:
                 self._asked.add(worker)
@@ -204,7 +238,7 @@ class LiveIndex:
     def mark_all_stale(self, reason: str) -> None:
         """The feed failed: nothing this index holds can be vouched for until healed."""
         for worker in self._workers:
-            self.index.mark_stale(worker, reason)
+            self.backend.mark_stale(worker, reason)
         self._asked.clear()
 
     def take_notice(self, notice: Notice) -> None:
@@ -216,8 +250,8 @@ class LiveIndex:
         with_snapshots = source is not None and source.sequencer.snapshots_available
         if not with_snapshots:
             self.counters["lost_and_cleared"] += 1
-            self.index.clear_worker(worker)
-        self.index.mark_stale(worker, f"history lost: {notice.detail.get('reason')}")
+            self.backend.clear_worker(worker)
+        self.backend.mark_stale(worker, f"history lost: {notice.detail.get('reason')}")
 
     async def run(self) -> None:
         """Apply the streams until `close()` (with a shared feed, run the feed instead)."""
@@ -227,8 +261,58 @@ class LiveIndex:
 
     # -- queries ----------------------------------------------------------------------
 
-    def query(self, tokens: Any, lora_name: str | None = None, cache_salt: str | None = None):  # type: ignore[no-untyped-def]
-        return self.index.query(tokens, lora_name, cache_salt)
+    @property
+    def block_size(self) -> int:
+        return self.backend.block_size
+
+    def query(
+        self, tokens: Any, lora_name: str | None = None, cache_salt: str | None = None
+    ) -> dict[Worker, Match]:
+        return self.backend.query(tokens, lora_name, cache_salt)
+
+    def match(self, hashes: list[int]) -> dict[Worker, Match]:
+        """As `query`, from Dynamo local block hashes."""
+        return self.backend.match(hashes)
+
+    @property
+    def stale(self) -> Mapping[Worker, str]:
+        """worker -> why its entries cannot be vouched for (read-only)."""
+        return MappingProxyType(self.backend.stale)
+
+    def all_counters(self) -> dict[str, int]:
+        """The backend's counters and this index's own."""
+        return {**self.backend.counters, **self.counters}
+
+    def entries(self) -> int:
+        """(worker, block) entries held."""
+        return self.backend.entries()
+
+    def engine_blocks(self, worker: Worker) -> set[Any]:
+        return self.backend.engine_blocks(worker)
+
+    def chains(self, worker: Worker) -> Iterator[tuple[Any, list[tuple[Any, int]]]]:
+        return self.backend.chains(worker)
+
+    def state(self, worker: Worker) -> WorkerState | None:
+        """The worker's stream and entries now; None when it is not registered."""
+        if worker not in self._workers:
+            return None
+        reason = self.backend.stale.get(worker)
+        source = self._workers.get(worker)
+        if source is None or not source.heard:
+            status, silent_for = "connecting", None
+        else:
+            silent_for = round(time.monotonic() - source.last_activity, 3)
+            status = "stale" if reason is not None else ("silent" if source.stale else "active")
+        sequencer = None if source is None else source.sequencer
+        return WorkerState(
+            status=status,
+            silent_for=silent_for,
+            syncing=sequencer is not None and sequencer.outstanding is not None,
+            expected=None if source is None else source.expected,
+            snapshots=sequencer is not None and sequencer.snapshots_available,
+            stale_reason=reason,
+        )
 
     async def close(self) -> None:
         """Idempotent. A shared feed is left to its owner."""

@@ -27,10 +27,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .backend import Worker
 from .blockhash import block_seed, local_block_hashes
-
-Worker = tuple[int, int]
-"""(worker_id, dp_rank)"""
 
 GPU, CPU, DISK, EXTERNAL = 1, 2, 4, 8
 TIER_OF_MEDIUM = {
@@ -124,7 +122,8 @@ COUNTER_NAMES = (
 
 
 class PrefixIndex:
-    """The index. Not thread-safe: feed and query it from one thread (or one event loop)."""
+    """The in-memory index backend (kvevents_runtime.backend.IndexBackend). Not thread-safe:
+    feed and query it from one thread (or one event loop)."""
 
     def __init__(self, block_size: int) -> None:
         if block_size < 1:
@@ -371,6 +370,9 @@ class PrefixIndex:
 
     def block_count(self, worker: Worker) -> int:
         return len(self.lookup.get(worker, ()))
+
+    def engine_blocks(self, worker: Worker) -> set[Any]:
+        return set(self.lookup.get(worker, ()))
 
     def entries(self) -> int:
         """(worker, block) pairs held."""

@@ -22,7 +22,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from kvevents.index import PrefixIndex, local_block_hashes
+from kvevents_runtime.backend import IndexBackend
 from kvevents_runtime.prefix import CPU, GPU, TIER_OF_MEDIUM
+from tests.index.protocol_only import ProtocolOnly
 
 pytestmark = pytest.mark.timeout(900)  # 10,000 examples on a loaded 2-core machine
 
@@ -110,9 +112,15 @@ class Reference:
 
 
 class IndexMachine(RuleBasedStateMachine):
+    """Drives a backend through kvevents_runtime.backend.IndexBackend only; the invariants
+    on the tree's structure run for the in-memory backend, whose structure they are."""
+
+    make_backend: Any = PrefixIndex
+
     def __init__(self) -> None:
         super().__init__()
-        self.index = PrefixIndex(BS)
+        self.index = self.make_backend(BS)
+        assert isinstance(self.index, IndexBackend)
         self.model = Reference()
         self.next_hash: dict[Any, int] = {}
         """Engine ids per worker, from 0 (an id that reads as false)."""
@@ -255,6 +263,8 @@ class IndexMachine(RuleBasedStateMachine):
     def the_tier_counter_counts_every_entry_outside_gpu(self) -> None:
         """Answers walk tiers only while this counter is above 0: too low answers CPU-only
         blocks as GPU."""
+        if not isinstance(self.index, PrefixIndex):
+            return
         outside = 0
         stack = list((self.index.root.children or {}).values())
         while stack:
@@ -266,6 +276,8 @@ class IndexMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_held_block_is_in_the_tree(self) -> None:
+        if not isinstance(self.index, PrefixIndex):
+            return
         for blocks in self.index.lookup.values():
             for node in blocks.values():
                 while node.parent is not None:
@@ -275,6 +287,8 @@ class IndexMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_empty_leaves_are_kept(self) -> None:
+        if not isinstance(self.index, PrefixIndex):
+            return
         stack = list((self.index.root.children or {}).values())
         while stack:
             node = stack.pop()
@@ -289,7 +303,18 @@ IndexMachine.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-test_the_index_equals_the_reference_model = IndexMachine.TestCase
+BACKENDS: dict[str, Any] = {"memory": PrefixIndex, "protocol-only": ProtocolOnly}
+"""Every index backend, each checked against the reference model through the protocol."""
+
+
+def _machine_for(name: str) -> Any:
+    machine = type(f"IndexMachine_{name}", (IndexMachine,), {"make_backend": BACKENDS[name]})
+    machine.TestCase.settings = IndexMachine.TestCase.settings
+    return machine.TestCase
+
+
+test_the_index_equals_the_reference_model = _machine_for("memory")
+test_the_index_through_the_protocol_alone_equals_the_reference_model = _machine_for("protocol-only")
 
 
 def test_cpu_tier_counts_are_cumulative() -> None:

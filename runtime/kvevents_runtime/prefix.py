@@ -53,6 +53,10 @@ _CUMULATIVE = (("gpu", GPU), ("cpu", GPU | CPU), ("disk", GPU | CPU | DISK))
 
 
 class Node:
+    """One block of a prefix. Workers are bits (`PrefixIndex.bit`): who holds a block is
+    one int, so a query's walk is integer `&` and a node costs no set (an empty Python set
+    is 216 bytes; the masks of up to 8 workers are cached small ints)."""
+
     __slots__ = ("children", "key", "parent", "tiers", "workers")
 
     def __init__(self, parent: Node | None, key: int) -> None:
@@ -60,35 +64,35 @@ class Node:
         self.key = key
         self.children: dict[int, Node] | None = None
         """Created with the first child: most nodes are leaves."""
-        self.workers: set[Worker] = set()
-        """Who holds this block, in any tier: a set, so a query's walk does set algebra in C."""
-        self.tiers: dict[Worker, int] | None = None
-        """worker -> tiers (bit mask), for workers holding it other than in GPU alone."""
+        self.workers = 0
+        """Worker bits holding this block, in any tier."""
+        self.tiers: dict[int, int] | None = None
+        """worker bit -> tiers (bit mask), for workers holding it other than in GPU alone."""
 
-    def mask(self, worker: Worker) -> int:
-        if worker not in self.workers:
+    def mask(self, bit: int) -> int:
+        if not self.workers & bit:
             return 0
         tiers = self.tiers
-        return GPU if tiers is None else tiers.get(worker, GPU)
+        return GPU if tiers is None else tiers.get(bit, GPU)
 
-    def set_mask(self, worker: Worker, mask: int) -> None:
+    def set_mask(self, bit: int, mask: int) -> None:
         if not mask:
-            self.workers.discard(worker)
+            self.workers &= ~bit
             if self.tiers is not None:
-                self.tiers.pop(worker, None)
+                self.tiers.pop(bit, None)
                 if not self.tiers:
                     self.tiers = None
             return
-        self.workers.add(worker)
+        self.workers |= bit
         if mask == GPU:
             if self.tiers is not None:
-                self.tiers.pop(worker, None)
+                self.tiers.pop(bit, None)
                 if not self.tiers:
                     self.tiers = None
         else:
             if self.tiers is None:
                 self.tiers = {}
-            self.tiers[worker] = mask
+            self.tiers[bit] = mask
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,11 @@ class PrefixIndex:
         self.stale: dict[Worker, str] = {}
         """worker -> why it is stale."""
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self.bits: dict[Worker, int] = {}
+        """worker -> its bit in every node's `workers` (given at first sight, freed when
+        the worker is removed, reused by the next one)."""
+        self._worker_of_bit: dict[int, Worker] = {}
+        self._free_bits: list[int] = []
         self._other_tiers = 0
         """(worker, block) entries in a tier other than GPU: answers need per-tier walks."""
 
@@ -145,24 +154,41 @@ class PrefixIndex:
         return list(self.lookup)
 
     def add_worker(self, worker: Worker) -> None:
-        self.lookup.setdefault(worker, {})
+        self._known(worker)
 
     def remove_worker(self, worker: Worker) -> None:
-        """Drop every entry of the worker and forget it."""
+        """Drop every entry of the worker and forget it (its bit is free again: no node
+        holds it once its entries are dropped)."""
         self.clear_worker(worker)
         self.lookup.pop(worker, None)
         self.stale.pop(worker, None)
+        bit = self.bits.pop(worker, None)
+        if bit is not None:
+            del self._worker_of_bit[bit]
+            self._free_bits.append(bit)
 
     def clear_worker(self, worker: Worker) -> None:
         blocks = self.lookup.get(worker)
         if not blocks:
             return
+        bit = self.bits[worker]
         for node in list(blocks.values()):
-            self._drop(worker, node, node.mask(worker))
+            self._drop(bit, node, node.mask(bit))
         blocks.clear()
 
+    def _known(self, worker: Worker) -> dict[Any, Node]:
+        """The worker's blocks, giving it a bit at first sight."""
+        blocks = self.lookup.get(worker)
+        if blocks is None:
+            blocks = self.lookup[worker] = {}
+            free = self._free_bits
+            bit = free.pop() if free else 1 << len(self.bits)
+            self.bits[worker] = bit
+            self._worker_of_bit[bit] = worker
+        return blocks
+
     def mark_stale(self, worker: Worker, reason: str) -> None:
-        self.lookup.setdefault(worker, {})
+        self._known(worker)
         if worker not in self.stale:
             self.counters["stale_marked"] += 1
         self.stale[worker] = reason
@@ -181,16 +207,15 @@ class PrefixIndex:
     def apply(self, worker: Worker, batch: Any) -> None:
         """Apply one decoded batch (canonical events) of the worker's stream."""
         counters = self.counters
-        blocks = self.lookup.get(worker)
-        if blocks is None:
-            blocks = self.lookup[worker] = {}
+        blocks = self._known(worker)
+        bit = self.bits[worker]
         for event in batch.events:
             counters["events"] += 1
             kind = type(event).__name__
             if kind == "BlockStored":
-                self._store(worker, blocks, event)
+                self._store(worker, bit, blocks, event)
             elif kind == "BlockRemoved":
-                self._remove(worker, blocks, event)
+                self._remove(worker, bit, blocks, event)
             elif kind == "AllBlocksCleared":
                 counters["cleared"] += 1
                 self.clear_worker(worker)
@@ -206,7 +231,7 @@ class PrefixIndex:
             return EXTERNAL
         return tier
 
-    def _store(self, worker: Worker, blocks: dict[Any, Node], event: Any) -> None:
+    def _store(self, worker: Worker, bit: int, blocks: dict[Any, Node], event: Any) -> None:
         counters = self.counters
         size = event.block_size
         if size != self.block_size:
@@ -245,19 +270,19 @@ class PrefixIndex:
                 child = children[key] = Node(node, key)
             old = blocks.get(block_hash)
             moved = old is not None and old is not child
-            if old is not child and worker in child.workers:
+            if old is not child and child.workers & bit:
                 # The worker holds this block under another id: the engine renamed it;
                 # the old id is forgotten (rare, so a scan is fine).
                 for alias, node_of in blocks.items():
                     if node_of is child and alias != block_hash:
                         del blocks[alias]
                         break
-            if worker not in child.workers and tier == GPU:
-                child.workers.add(worker)  # the common case, without the tier bookkeeping
+            if not child.workers & bit and tier == GPU:
+                child.workers |= bit  # the common case, without the tier bookkeeping
             else:
-                mask = child.mask(worker)
+                mask = child.mask(bit)
                 if not mask & tier:
-                    child.set_mask(worker, mask | tier)
+                    child.set_mask(bit, mask | tier)
                     if not_gpu:
                         self._other_tiers += 1
             blocks[block_hash] = child
@@ -266,15 +291,15 @@ class PrefixIndex:
                 # `child`: pruning the old place's branch could otherwise take `child` (an
                 # ancestor of the old place nobody held) out of the tree with it.
                 assert old is not None
-                self._drop(worker, old, old.mask(worker))
+                self._drop(bit, old, old.mask(bit))
             node = child
         counters["blocks_stored"] += len(hashes)
 
-    def _remove(self, worker: Worker, blocks: dict[Any, Node], event: Any) -> None:
+    def _remove(self, worker: Worker, bit: int, blocks: dict[Any, Node], event: Any) -> None:
         tier = self._tier(event.medium)
         for block_hash in event.block_hashes:
             node = blocks.get(block_hash)
-            mask = 0 if node is None else node.mask(worker)
+            mask = 0 if node is None else node.mask(bit)
             if node is None or not mask & tier:
                 self.counters["unknown_removal"] += 1
                 self.mark_stale(worker, "a removed block is unknown")
@@ -282,16 +307,17 @@ class PrefixIndex:
             self.counters["blocks_removed"] += 1
             if mask == tier:
                 del blocks[block_hash]
-            self._drop(worker, node, tier)
+            self._drop(bit, node, tier)
 
-    def _drop(self, worker: Worker, node: Node, tiers: int) -> None:
-        """Take `tiers` of the worker off the node; prune nodes nobody holds or leads through."""
-        mask = node.mask(worker)
+    def _drop(self, bit: int, node: Node, tiers: int) -> None:
+        """Take `tiers` of the worker's bit off the node; prune nodes nobody holds or leads
+        through."""
+        mask = node.mask(bit)
         gone = mask & tiers
         if not gone:
             return
         self._other_tiers -= bin(gone & ~GPU).count("1")
-        node.set_mask(worker, mask & ~gone)
+        node.set_mask(bit, mask & ~gone)
         while node.parent is not None and not node.workers and not node.children:
             siblings = node.parent.children
             assert siblings is not None
@@ -314,12 +340,14 @@ class PrefixIndex:
         depths, path = self._walk(hashes, self._other_tiers > 0)
         lookup = self.lookup
         stale = self.stale
+        bits = self.bits
         out = {}
         for worker, depth in depths.items():
             if path is None:
                 gpu = cpu = disk = depth
             else:
-                gpu, cpu, disk = (_leading(path, worker, depth, tiers) for _, tiers in _CUMULATIVE)
+                bit = bits[worker]
+                gpu, cpu, disk = (_leading(path, bit, depth, tiers) for _, tiers in _CUMULATIVE)
             out[worker] = Match(depth, gpu, cpu, disk, len(lookup.get(worker, ())), worker in stale)
         return out
 
@@ -327,43 +355,34 @@ class PrefixIndex:
         """Leading blocks matched per worker: a worker drops out at its first missing block
         (children need not hold a subset of their parent's workers: removal leaves gaps)."""
         depths: dict[Worker, int] = {}
+        worker_of = self._worker_of_bit
         path: list[Node] | None = [] if tiers else None
         node = self.root
-        active: set[Worker] | None = None
+        active = -1  # every bit: the first block sets who is in the running
         depth = 0
-        keys = iter(hashes)
-        for key in keys:
+        for key in hashes:
             children = node.children
             child = None if children is None else children.get(key)
             if child is None:
                 break
-            held = child.workers
-            if active is None:
-                active = set(held)
-            elif not active <= held:
-                kept = active & held
-                for worker in active - kept:
-                    depths[worker] = depth
-                active = kept
+            kept = active & child.workers
+            if kept != active and depth:
+                left = active & ~kept
+                while left:
+                    low = left & -left
+                    depths[worker_of[low]] = depth
+                    left ^= low
+            active = kept
             if not active:
                 break
             depth += 1
             if path is not None:
                 path.append(child)
             node = child
-            if len(active) == 1 and path is None:
-                # One worker left (a request's own suffix): membership only, no set algebra.
-                (only,) = active
-                for key in keys:
-                    children = node.children
-                    child = None if children is None else children.get(key)
-                    if child is None or only not in child.workers:
-                        break
-                    depth += 1
-                    node = child
-                break
-        for worker in active or ():
-            depths[worker] = depth
+        while active > 0:
+            low = active & -active
+            depths[worker_of[low]] = depth
+            active ^= low
         return depths, path
 
     # -- inspection -------------------------------------------------------------------
@@ -389,9 +408,9 @@ class PrefixIndex:
             yield parent_hash, [(block_hash, node.key)]
 
 
-def _leading(path: list[Node], worker: Worker, depth: int, tiers: int) -> int:
+def _leading(path: list[Node], bit: int, depth: int, tiers: int) -> int:
     for i in range(depth):
-        if not path[i].mask(worker) & tiers:
+        if not path[i].mask(bit) & tiers:
             return i
     return depth
 

@@ -266,13 +266,33 @@ class IndexMachine(RuleBasedStateMachine):
         if not isinstance(self.index, PrefixIndex):
             return
         outside = 0
+        for node in self._nodes():
+            for bit in self.index.bits.values():
+                outside += bin(node.mask(bit) & ~GPU).count("1")
+        assert self.index._other_tiers == outside
+
+    def _nodes(self) -> list[Any]:
         stack = list((self.index.root.children or {}).values())
+        nodes = []
         while stack:
             node = stack.pop()
-            for w in node.workers:
-                outside += bin(node.mask(w) & ~GPU).count("1")
+            nodes.append(node)
             stack.extend((node.children or {}).values())
-        assert self.index._other_tiers == outside
+        return nodes
+
+    @invariant()
+    def a_node_holds_exactly_the_bits_of_the_workers_that_list_it(self) -> None:
+        """Worker bits are freed when a worker is removed and given to the next: a bit left
+        on a node would lend its blocks to a stranger."""
+        if not isinstance(self.index, PrefixIndex):
+            return
+        listed: dict[int, int] = {}
+        for worker, blocks in self.index.lookup.items():
+            for node in blocks.values():
+                listed[id(node)] = listed.get(id(node), 0) | self.index.bits[worker]
+        for node in self._nodes():
+            assert node.workers == listed.get(id(node), 0), "a node's worker bits drifted"
+        assert len(set(self.index.bits.values())) == len(self.index.bits)
 
     @invariant()
     def every_held_block_is_in_the_tree(self) -> None:
@@ -289,11 +309,8 @@ class IndexMachine(RuleBasedStateMachine):
     def no_empty_leaves_are_kept(self) -> None:
         if not isinstance(self.index, PrefixIndex):
             return
-        stack = list((self.index.root.children or {}).values())
-        while stack:
-            node = stack.pop()
+        for node in self._nodes():
             assert node.workers or node.children, "a node nobody holds or leads through"
-            stack.extend((node.children or {}).values())
 
 
 IndexMachine.TestCase.settings = settings(

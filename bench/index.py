@@ -298,7 +298,7 @@ def _start(command: list[str], env: dict[str, str], port: int) -> subprocess.Pop
 def measure_http(sequences: int, reps: int) -> dict[str, Figure]:
     workload = index_workload.build(sequences)
     engines = _Engines(index_workload.WORKERS)
-    ours_port, theirs_port = free_port(), free_port()
+    ours_port, theirs_port, default_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(dynamo.path()), str(ROOT)]),
@@ -313,8 +313,14 @@ def measure_http(sequences: int, reps: int) -> dict[str, Figure]:
             env,
             theirs_port,
         ),
+        # Its default: four runtime threads (on this machine's two cores).
+        "dynamo4": _start(
+            [sys.executable, "-m", "dynamo.indexer", "--port", str(default_port), "--threads", "4"],
+            env,
+            default_port,
+        ),
     }
-    ports = {"ours": ours_port, "dynamo": theirs_port}
+    ports = {"ours": ours_port, "dynamo": theirs_port, "dynamo4": default_port}
     figures: dict[str, Figure] = {}
     try:
         for port in ports.values():
@@ -346,9 +352,10 @@ def measure_http(sequences: int, reps: int) -> dict[str, Figure]:
         for tokens in workload.queries[:100]:
             body = {"token_ids": tokens, "model_name": "bench"}
             a = _http(ours_port, "POST", "/query", body)[1]["scores"]
-            b = _http(theirs_port, "POST", "/query", body)[1]["scores"]
-            if a != b:
-                raise AssertionError(f"/query answers differ: kvevents {a} Dynamo {b}")
+            for port in (theirs_port, default_port):
+                b = _http(port, "POST", "/query", body)[1]["scores"]
+                if a != b:
+                    raise AssertionError(f"/query answers differ: kvevents {a} Dynamo {b}")
         requests = [
             _request(json.dumps({"token_ids": t, "model_name": "bench"}).encode())
             for t in workload.queries[:200]

@@ -202,8 +202,10 @@ class IndexService:
         for live in self.indexes.values():
             await live.close()
         self.indexes.clear()
-        if self._large_lane is not None:
-            self._large_lane.shutdown(wait=False, cancel_futures=True)
+        lane, self._large_lane = self._large_lane, None
+        if lane is not None:
+            # Waited for on a thread: the worker process is gone when the service has stopped.
+            await asyncio.to_thread(lane.shutdown, wait=True, cancel_futures=True)
         if self.feed is not None:
             await self.feed.close()
         if self._feeder is not None:

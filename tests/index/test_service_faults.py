@@ -39,6 +39,21 @@ def register(server: Server, worker: int, pub: Any, model: str = "m", **extra: A
     return server.call("POST", "/register", body)[0]
 
 
+def one_worker_indexed(
+    server: Server, publishers: list, seed: int, blocks: int
+) -> tuple[Any, random.Random, list[int]]:
+    """Worker 1 registered with a publisher of its own, one chain of `blocks` stored and
+    seen in /query; returns the publisher, the random source and the chain's tokens."""
+    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64)
+    publishers.append(pub)
+    rng = random.Random(seed)
+    tokens, hashes = chain(rng, blocks)
+    assert register(server, 1, pub) == 201
+    publish(pub, stored(hashes, tokens))
+    assert wait_until(lambda: score(server, tokens) == {"1": {"0": blocks * BS}}, 10)
+    return pub, rng, tokens
+
+
 def test_a_batch_that_cannot_be_applied_is_logged_counted_stale_and_healed(
     service, publishers, monkeypatch, caplog
 ) -> None:
@@ -118,13 +133,7 @@ def test_a_subscriber_that_keeps_failing_is_replaced(service, publishers) -> Non
     """A broken subscriber is replaced by a new one that follows every source again; the
     worker is whole again from its stream (seq 0 on), and later batches are applied."""
     server = service()
-    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64)
-    publishers.append(pub)
-    rng = random.Random(7)
-    tokens, hashes = chain(rng, 2)
-    assert register(server, 1, pub) == 201
-    publish(pub, stored(hashes, tokens))
-    assert wait_until(lambda: score(server, tokens) == {"1": {"0": 2 * BS}}, 10)
+    pub, rng, tokens = one_worker_indexed(server, publishers, 7, 2)
     feed = server.server.config.app.feed
 
     async def poll(*args: Any) -> Any:
@@ -364,13 +373,7 @@ def test_short_queries_are_answered_while_long_ones_wait_their_turn(
     server = service()
     app = server.server.config.app
     app.large_lane_factory = lambda: ThreadPoolExecutor(1)
-    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64)
-    publishers.append(pub)
-    rng = random.Random(3)
-    tokens, hashes = chain(rng, 3)
-    assert register(server, 1, pub) == 201
-    publish(pub, stored(hashes, tokens))
-    assert wait_until(lambda: score(server, tokens) == {"1": {"0": 3 * BS}}, 10)
+    pub, rng, tokens = one_worker_indexed(server, publishers, 3, 3)
 
     gate = threading.Event()
     real = indexd._parse_and_hash
@@ -424,13 +427,7 @@ def test_long_queries_are_answered_from_the_large_query_process(service, publish
     import signal
 
     server = service()
-    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=64)
-    publishers.append(pub)
-    rng = random.Random(4)
-    tokens, hashes = chain(rng, 3)
-    assert register(server, 1, pub) == 201
-    publish(pub, stored(hashes, tokens))
-    assert wait_until(lambda: score(server, tokens) == {"1": {"0": 3 * BS}}, 10)
+    pub, rng, tokens = one_worker_indexed(server, publishers, 4, 3)
     long_prompt = tokens + [rng.randrange(50_000) for _ in range(20_000)]
     assert score(server, long_prompt) == {"1": {"0": 3 * BS}}
     status, body = server.call("POST", "/query", {"token_ids": long_prompt, "model_name": "x"})

@@ -60,7 +60,7 @@ def send_live_chunk(
 
 
 def send_replay_with_topic(
-    sessions: deque[list[Any]],
+    sessions: deque[Any],
     ring: list[Any],
     capacity: int,
     oldest: int,
@@ -69,11 +69,11 @@ def send_replay_with_topic(
     budget: int,
 ) -> tuple[int, int]:
     """Up to `budget` entries as ReplayReplyWithTopic, then ReplayEndWithTopic, round-robin over the
-    sessions `[identity, next seq, end seq, bytes left, first seq, ...]`; returns `(entries
-    sent, peers gone)`. A full peer (EAGAIN) is paused and resumed on a later call; a peer
-    that is gone ends its session. A session whose payload bytes run out ends early, after at
-    least two entries (a subscriber asks from the seq it has, to check it, so the second is
-    its first new one): it reads that END before it asks again from where it is."""
+    sessions (kvevents_runtime.wire.ReplaySession); returns `(entries sent, peers gone)`. A
+    full peer (EAGAIN) is paused and resumed on a later call; a peer that is gone ends its
+    session. A session whose payload bytes run out ends early, after at least two entries (a
+    subscriber asks from the seq it has, to check it, so the second is its first new one): it
+    reads that END before it asks again from where it is."""
     first = SNDMORE | NOBLOCK
     more = SNDMORE
     sent = 0
@@ -81,10 +81,10 @@ def send_replay_with_topic(
     blocked = 0
     while sessions and sent < budget and blocked < len(sessions):
         session = sessions[0]
-        identity = session[0]
-        seq = session[1] if session[1] > oldest else oldest
+        identity = session.identity
+        seq = session.next if session.next > oldest else oldest
         try:
-            while seq < session[2] and sent < budget:
+            while seq < session.end and sent < budget:
                 entry = ring[seq % capacity]
                 payload_bytes = len(entry[2])
                 send(identity, first)
@@ -94,14 +94,14 @@ def send_replay_with_topic(
                 send(entry[2])
                 seq += 1
                 sent += 1
-                session[3] -= payload_bytes
-                if session[3] <= 0 and seq - session[4] >= 2:
-                    session[2] = seq
-            if seq < session[2]:
-                session[1] = seq
+                session.bytes_left -= payload_bytes
+                if session.bytes_left <= 0 and seq - session.first >= 2:
+                    session.end = seq
+            if seq < session.end:
+                session.next = seq
                 sessions.rotate(-1)
                 break
-            session[1] = seq
+            session.next = seq
             send(identity, first)
             send(b"", more)
             send(b"", more)
@@ -110,7 +110,7 @@ def send_replay_with_topic(
             sessions.popleft()
             blocked = 0
         except Again:
-            session[1] = seq
+            session.next = seq
             sessions.rotate(-1)
             blocked += 1
         except ZMQError:
@@ -120,7 +120,7 @@ def send_replay_with_topic(
 
 
 def send_replay_without_topic(
-    sessions: deque[list[Any]],
+    sessions: deque[Any],
     ring: list[Any],
     capacity: int,
     oldest: int,
@@ -129,11 +129,11 @@ def send_replay_without_topic(
     budget: int,
 ) -> tuple[int, int]:
     """Up to `budget` entries as ReplayReplyWithoutTopic, then ReplayEndWithoutTopic, round-robin over the
-    sessions `[identity, next seq, end seq, bytes left, first seq, ...]`; returns `(entries
-    sent, peers gone)`. A full peer (EAGAIN) is paused and resumed on a later call; a peer
-    that is gone ends its session. A session whose payload bytes run out ends early, after at
-    least two entries (a subscriber asks from the seq it has, to check it, so the second is
-    its first new one): it reads that END before it asks again from where it is."""
+    sessions (kvevents_runtime.wire.ReplaySession); returns `(entries sent, peers gone)`. A
+    full peer (EAGAIN) is paused and resumed on a later call; a peer that is gone ends its
+    session. A session whose payload bytes run out ends early, after at least two entries (a
+    subscriber asks from the seq it has, to check it, so the second is its first new one): it
+    reads that END before it asks again from where it is."""
     first = SNDMORE | NOBLOCK
     more = SNDMORE
     sent = 0
@@ -141,10 +141,10 @@ def send_replay_without_topic(
     blocked = 0
     while sessions and sent < budget and blocked < len(sessions):
         session = sessions[0]
-        identity = session[0]
-        seq = session[1] if session[1] > oldest else oldest
+        identity = session.identity
+        seq = session.next if session.next > oldest else oldest
         try:
-            while seq < session[2] and sent < budget:
+            while seq < session.end and sent < budget:
                 entry = ring[seq % capacity]
                 payload_bytes = len(entry[2])
                 send(identity, first)
@@ -153,14 +153,14 @@ def send_replay_without_topic(
                 send(entry[2])
                 seq += 1
                 sent += 1
-                session[3] -= payload_bytes
-                if session[3] <= 0 and seq - session[4] >= 2:
-                    session[2] = seq
-            if seq < session[2]:
-                session[1] = seq
+                session.bytes_left -= payload_bytes
+                if session.bytes_left <= 0 and seq - session.first >= 2:
+                    session.end = seq
+            if seq < session.end:
+                session.next = seq
                 sessions.rotate(-1)
                 break
-            session[1] = seq
+            session.next = seq
             send(identity, first)
             send(b"", more)
             send(END_SEQ, more)
@@ -168,7 +168,7 @@ def send_replay_without_topic(
             sessions.popleft()
             blocked = 0
         except Again:
-            session[1] = seq
+            session.next = seq
             sessions.rotate(-1)
             blocked += 1
         except ZMQError:

@@ -33,7 +33,7 @@ from .blockset import BlockSet
 from .closing import close_socket
 from .errors import FrameError
 from .ratelimit import RateLimitedLog
-from .wire import RingEntry, Wire
+from .wire import ReplaySession, RingEntry, Wire
 
 logger = logging.getLogger("kvevents.publisher")
 
@@ -121,7 +121,7 @@ class ReplayService:
         """Drawn at start: an info reply with another instance tells a subscriber of a restart."""
         self._dialect = dialect
         self.ring: list[RingEntry | None] = [None] * capacity
-        self.sessions: deque[list[Any]] = deque()
+        self.sessions: deque[ReplaySession] = deque()
         self.chunk = chunk
         self.with_topic = with_topic
         self._wire = wire
@@ -192,7 +192,7 @@ class ReplayService:
             busy = (
                 len(self.sessions) + len(self.snapshots) >= self.MAX_SESSIONS
                 or (flag != "snapshot" and self.replay_bytes_in_flight() >= self.MAX_REPLAY_BYTES)
-                or any(s[0] == identity for s in self.sessions)
+                or any(s.identity == identity for s in self.sessions)
                 or any(s.identity == identity for s in self.snapshots)
                 or (flag == "snapshot" and self._needs_new_cut(next_seq))
             )
@@ -215,26 +215,31 @@ class ReplayService:
                 continue
             # A start older than the buffer begins at the oldest retained batch: the first
             # replayed seq tells the client how much history was lost.
-            first = max(start, oldest)
             self.sessions.append(
-                [identity, first, next_seq, self.MAX_SESSION_BYTES, first, time.monotonic(), -1]
+                ReplaySession(
+                    identity,
+                    max(start, oldest),
+                    next_seq,
+                    self.MAX_SESSION_BYTES,
+                    time.monotonic(),
+                )
             )
 
     def replay_bytes_in_flight(self) -> int:
         """Payload bytes the open replays have sent so far."""
         budget = self.MAX_SESSION_BYTES
-        return sum(budget - session[3] for session in self.sessions)
+        return sum(budget - session.bytes_left for session in self.sessions)
 
     def _drop_stalled_replays(self, now: float) -> None:
-        """A replay session `[identity, next, end, bytes left, first, progressed, seq then]`
-        whose next seq has not moved for `STALL_SECONDS` holds a slot and a share of the byte
-        budget for a peer that does not read: drop it (its peer's request times out)."""
-        kept: deque[list[Any]] = deque()
+        """A replay session whose next seq has not moved for `STALL_SECONDS` holds a slot and
+        a share of the byte budget for a peer that does not read: drop it (its peer's request
+        times out)."""
+        kept: deque[ReplaySession] = deque()
         for session in self.sessions:
-            if session[1] != session[6]:
-                session[6] = session[1]
-                session[5] = now
-            elif now - session[5] > self.STALL_SECONDS:
+            if session.next != session.next_then:
+                session.next_then = session.next
+                session.progressed = now
+            elif now - session.progressed > self.STALL_SECONDS:
                 self.stalled += 1
                 continue
             kept.append(session)

@@ -65,13 +65,33 @@ class LiveChunkSender(Protocol):
     ) -> tuple[int, int, int]: ...
 
 
+class ReplaySession:
+    """One peer's replay in flight, as the generated chunk senders advance it."""
+
+    __slots__ = ("bytes_left", "end", "first", "identity", "next", "next_then", "progressed")
+
+    def __init__(self, identity: bytes, first: int, end: int, bytes_left: int, now: float) -> None:
+        self.identity = identity
+        self.first = first
+        """The seq it started at."""
+        self.next = first
+        """The next seq to send."""
+        self.end = end
+        """Where it ends: the newest seq when asked, or earlier once `bytes_left` runs out."""
+        self.bytes_left = bytes_left
+        self.progressed = now
+        """When `next` last moved (checked about once a second)."""
+        self.next_then = first - 1
+        """`next` at that check."""
+
+
 class ReplayChunkSender(Protocol):
     """Sends up to `budget` buffered entries across the open replay sessions, round-robin;
     returns `(entries sent, sessions ended because their peer was gone)`."""
 
     def __call__(
         self,
-        sessions: deque[list[Any]],
+        sessions: deque[ReplaySession],
         ring: list[RingEntry | None],
         capacity: int,
         oldest: int,

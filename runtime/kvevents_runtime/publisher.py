@@ -66,6 +66,10 @@ class ZmqPublisherCore:
     REPLAY_CHUNK = 256
     """Replayed entries sent between two live chunks, so a long replay never stalls live."""
     IDLE_POLL_MS = 100
+    DRAIN_SECONDS = 0.005
+    """After a round that sent replay or snapshot frames, this long counts as draining."""
+    DRAIN_PAUSE = 0.0001
+    """The wait between rounds while draining (a poll's least wait is a millisecond)."""
 
     def _start(
         self,
@@ -149,6 +153,7 @@ class ZmqPublisherCore:
         self._stopping = False
         self._abandon = False
         self._want_space = False
+        self._draining_until = 0.0
         self._space = threading.Event()
         self._failure_log = RateLimitedLog(logger)
 
@@ -242,8 +247,10 @@ class ZmqPublisherCore:
                 if serving:
                     if replay.has_requests():
                         replay.take_requests(seq)
-                    if (replay.sessions or replay.snapshots) and replay.serve(seq) and not taken:
-                        continue
+                    if (replay.sessions or replay.snapshots) and replay.serve(seq):
+                        self._draining_until = time.monotonic() + self.DRAIN_SECONDS
+                        if not taken:
+                            continue
                 if taken:
                     if self._want_space:
                         self._signal_space()
@@ -278,6 +285,12 @@ class ZmqPublisherCore:
             self._idle = False
             return
         busy = self._replay.sessions or self._replay.snapshots
+        if busy and time.monotonic() < self._draining_until:
+            # A peer is reading: its pipe (PEER_QUEUE_MESSAGES) drains in microseconds, so
+            # come back sooner than a poll's millisecond (a new batch waits no longer either).
+            time.sleep(self.DRAIN_PAUSE)
+            self._idle = False
+            return
         timeout = 1 if busy else self.IDLE_POLL_MS
         ready = dict(poller.poll(timeout))
         self._idle = False

@@ -348,7 +348,12 @@ def test_peers_asking_at_the_same_seq_share_one_copy_of_the_block_set(
     from kvevents_runtime.replay import ReplayService
 
     monkeypatch.setattr(ReplayService, "PEER_QUEUE_MESSAGES", 8)
-    pub = vllm.ZmqEventPublisher(0, LOOPBACK, LOOPBACK, buffer_steps=8, snapshots=True)
+    # Small kernel buffers too: loopback's own take megabytes, the whole snapshot.
+    pub_context = zmq.Context()
+    pub_context.setsockopt(zmq.SNDBUF, 16_384)
+    pub = vllm.ZmqEventPublisher(
+        0, LOOPBACK, LOOPBACK, buffer_steps=8, snapshots=True, context=pub_context
+    )
     publishers.append(pub)
     big_state(pub, 40)
     context = zmq.Context()
@@ -376,11 +381,13 @@ def test_peers_asking_at_the_same_seq_share_one_copy_of_the_block_set(
                     break
                 count += 0 if item.is_info else 1
             parts.append(count)
+        counters = pub.counters()
     finally:
         for peer in peers:
             peer.close(linger=0)
         context.term()
-    counters = pub.counters()
+        pub.shutdown()
+        pub_context.destroy(linger=100)  # not 0: kvevents_runtime.closing says why
     assert counters["snapshot_requests"] == 13 and counters["snapshot_cuts"] == 1, counters
     assert len(set(parts)) == 1 and parts[0] >= 40, parts
 

@@ -53,9 +53,9 @@ MAX_QUERY_TOKENS = 1 << 20
 MAX_QUERY_HASHES = 1 << 16
 LARGE_QUERY = 64 * 1024
 """Body bytes (about 10,000 tokens) up to which a /query is decoded and hashed on the event
-loop (under a millisecond); a larger one is decoded and hashed on the large-query thread."""
+loop (under a millisecond); a larger one is decoded and hashed in the large-query process."""
 MAX_LARGE_QUERIES = 16
-"""Large queries waiting for (or on) the large-query thread; past it /query answers 503."""
+"""Large queries waiting for (or in) the large-query process; past it /query answers 503."""
 MAX_NAME = 256
 """Characters in a model name, routing group or topic."""
 MAX_ENDPOINT = 1024

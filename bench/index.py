@@ -23,10 +23,12 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 
 from . import dynamo, index_workload
@@ -94,40 +96,63 @@ def measure_core(sequences: int, reps: int) -> dict[str, Figure]:
     return figures
 
 
-def _memory(which: str, sequences: int, conn: Any) -> None:
+def _write_inputs(sequences: int, folder: str, conn: Any) -> None:
+    """Builds the workload in its own process: the garbage of building it (every token list,
+    the other index's events) must not be memory the measured index can reuse unseen."""
     sys.path.append(str(dynamo.path()))
+    llm = dynamo.llm()
+    workload = index_workload.build(sequences, dynamo_hash=llm.compute_block_hash_for_seq)
+    encode = msgspec.msgpack.encode
+    Path(folder, "ours").write_bytes(encode(workload.payloads))
+    Path(folder, "dynamo").write_bytes(encode(workload.dynamo_events))
+    conn.send({"entries": workload.entries})
+
+
+def _memory(which: str, folder: str, entries: int, conn: Any) -> None:
+    """RSS growth of applying every event, in a process that holds the inputs before and
+    after (so freeing them cannot hide the index's own growth)."""
     import gc
 
+    sys.path.append(str(dynamo.path()))
     llm = dynamo.llm() if which == "dynamo" else None
-    workload = index_workload.build(
-        sequences, dynamo_hash=llm.compute_block_hash_for_seq if llm else None
+    inputs = [
+        (worker, payload)
+        for worker, payload in msgspec.msgpack.decode(Path(folder, which).read_bytes())
+    ]
+    workload = index_workload.Workload(
+        payloads=inputs if llm is None else [],
+        dynamo_events=inputs if llm is not None else [],
+        entries=entries,
+        queries=[],
+        last_of_worker={},
     )
-    if which == "dynamo":
-        workload.payloads.clear()
-    else:
-        workload.dynamo_events.clear()
+    if llm is None:
+        from kvevents import decode
+        from kvevents.index import PrefixIndex
+
+        PrefixIndex(index_workload.BLOCK_SIZE).apply((0, 0), decode(inputs[0][1]))  # imports
     gc.collect()
     before = rss_kib()
     held = _ours(workload)[0] if llm is None else _theirs(llm, workload)[0]
-    workload.payloads.clear()
-    workload.dynamo_events.clear()
     gc.collect()
     time.sleep(0.5)  # Dynamo applies on its own thread
     after = rss_kib()
-    conn.send(
-        {"bytes_per_entry": (after - before) * 1024 / workload.entries, "entries": workload.entries}
-    )
-    del held
+    conn.send({"bytes_per_entry": (after - before) * 1024 / entries, "entries": entries})
+    del held, inputs
 
 
 def measure_memory(sequences: int) -> dict[str, Figure]:
     out = {}
-    for which in ("ours", "dynamo"):
-        result = run_in_child(_memory, (which, sequences), 900, f"index memory ({which})")
-        out[f"{which}_bytes_per_entry"] = Figure("B")
-        out[f"{which}_bytes_per_entry"].add(result["bytes_per_entry"])
+    with tempfile.TemporaryDirectory() as folder:
+        entries = run_in_child(_write_inputs, (sequences, folder), 900, "index memory inputs")[
+            "entries"
+        ]
+        for which in ("ours", "dynamo"):
+            result = run_in_child(_memory, (which, folder, entries), 900, f"index memory ({which})")
+            out[f"{which}_bytes_per_entry"] = Figure("B")
+            out[f"{which}_bytes_per_entry"].add(result["bytes_per_entry"])
     out["entries"] = Figure("entries")
-    out["entries"].add(result["entries"])
+    out["entries"].add(entries)
     return out
 
 

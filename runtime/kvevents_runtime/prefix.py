@@ -1,9 +1,12 @@
 """A KV prefix index over many workers whose state equals the engines' caches.
 
-Nodes are keyed by Dynamo-compatible local block hashes (`blockhash`), one tree shared by
-every worker; each worker (a `(worker_id, dp_rank)` pair) also maps its engine block hashes
-to the nodes it holds, which is how parents are found and removals applied. Semantics, chosen
-to equal the engine's cache rather than to be convenient:
+A block is known by its chain key: its Dynamo-compatible local block hash (`blockhash`)
+chained onto its parent's chain key. Chaining makes the tree flat: who holds a block is one
+entry of one dict (chain key -> worker bits), with no node objects, no child dicts and no
+pruning; a query chains the request's local hashes and looks each up. Each worker (a
+`(worker_id, dp_rank)` pair) also maps its engine block hashes to chain keys, which is how
+parents are found and removals applied. Semantics, chosen to equal the engine's cache rather
+than to be convenient:
 
 - BlockStored links to its parent by this worker's engine hash; a store whose parent this
   worker does not hold is never re-rooted: it is skipped and the worker marked stale.
@@ -19,12 +22,20 @@ to equal the engine's cache rather than to be convenient:
 A stale worker's entries are kept but flagged in every answer (`Match.stale`), until
 `resync` (a snapshot, or a restart whose stream starts at seq 0) says its state is whole.
 Every anomaly is counted in `counters`.
+
+Limit: chain keys are 64-bit hashes (CPython's tuple hash of the parent key and the local
+hash, which reduces each int modulo 2**61 - 1 first), so two different prefixes share a key
+with a probability of about n**2 / 2**62 for n distinct blocks (2e-5 at 10M blocks), the
+same order as Dynamo's own u64 sequence hashes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import reduce
+from itertools import repeat
+from operator import or_
 from typing import Any
 
 from .backend import Worker
@@ -50,49 +61,6 @@ TIER_OF_MEDIUM = {
 """Dynamo's medium-to-tier mapping; an unknown medium is counted and taken as external."""
 TIER_NAMES = {GPU: "gpu", CPU: "cpu", DISK: "disk", EXTERNAL: "external"}
 _CUMULATIVE = (("gpu", GPU), ("cpu", GPU | CPU), ("disk", GPU | CPU | DISK))
-
-
-class Node:
-    """One block of a prefix. Workers are bits (`PrefixIndex.bit`): who holds a block is
-    one int, so a query's walk is integer `&` and a node costs no set (an empty Python set
-    is 216 bytes; the masks of up to 8 workers are cached small ints)."""
-
-    __slots__ = ("children", "key", "parent", "tiers", "workers")
-
-    def __init__(self, parent: Node | None, key: int) -> None:
-        self.parent = parent
-        self.key = key
-        self.children: dict[int, Node] | None = None
-        """Created with the first child: most nodes are leaves."""
-        self.workers = 0
-        """Worker bits holding this block, in any tier."""
-        self.tiers: dict[int, int] | None = None
-        """worker bit -> tiers (bit mask), for workers holding it other than in GPU alone."""
-
-    def mask(self, bit: int) -> int:
-        if not self.workers & bit:
-            return 0
-        tiers = self.tiers
-        return GPU if tiers is None else tiers.get(bit, GPU)
-
-    def set_mask(self, bit: int, mask: int) -> None:
-        if not mask:
-            self.workers &= ~bit
-            if self.tiers is not None:
-                self.tiers.pop(bit, None)
-                if not self.tiers:
-                    self.tiers = None
-            return
-        self.workers |= bit
-        if mask == GPU:
-            if self.tiers is not None:
-                self.tiers.pop(bit, None)
-                if not self.tiers:
-                    self.tiers = None
-        else:
-            if self.tiers is None:
-                self.tiers = {}
-            self.tiers[bit] = mask
 
 
 @dataclass(frozen=True)
@@ -125,6 +93,16 @@ COUNTER_NAMES = (
 )
 
 
+ROOT = 0
+"""The chain key a first block chains onto."""
+_U64 = (1 << 64) - 1
+
+
+def chain_key(parent: int, local: int) -> int:
+    """The key of a block with local hash `local` under the block keyed `parent`."""
+    return hash((parent, local))
+
+
 class PrefixIndex:
     """The in-memory index backend (kvevents_runtime.backend.IndexBackend). Not thread-safe:
     feed and query it from one thread (or one event loop)."""
@@ -133,15 +111,22 @@ class PrefixIndex:
         if block_size < 1:
             raise ValueError("block_size must be at least 1")
         self.block_size = block_size
-        self.root = Node(None, 0)
-        self.lookup: dict[Worker, dict[Any, Node]] = {}
-        """worker -> engine block hash -> node."""
+        self.holders: dict[int, int] = {}
+        """chain key -> the bits of the workers holding the block, in any tier (never 0:
+        a block nobody holds has no entry)."""
+        self.links: dict[int, int] = {}
+        """chain key -> parent chain key << 64 | local hash, for /dump: the one
+        thing a key cannot give back. Same keys as `holders`."""
+        self.tiers: dict[int, dict[int, int]] = {}
+        """chain key -> worker bit -> tiers (bit mask), for entries other than GPU alone."""
+        self.lookup: dict[Worker, dict[Any, int]] = {}
+        """worker -> engine block hash -> chain key."""
         self.stale: dict[Worker, str] = {}
         """worker -> why it is stale."""
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         self.bits: dict[Worker, int] = {}
-        """worker -> its bit in every node's `workers` (given at first sight, freed when
-        the worker is removed, reused by the next one)."""
+        """worker -> its bit in `holders` (given at first sight, freed when the worker is
+        removed, reused by the next one)."""
         self._worker_of_bit: dict[int, Worker] = {}
         self._free_bits: list[int] = []
         self._other_tiers = 0
@@ -157,7 +142,7 @@ class PrefixIndex:
         self._known(worker)
 
     def remove_worker(self, worker: Worker) -> None:
-        """Drop every entry of the worker and forget it (its bit is free again: no node
+        """Drop every entry of the worker and forget it (its bit is free again: no block
         holds it once its entries are dropped)."""
         self.clear_worker(worker)
         self.lookup.pop(worker, None)
@@ -172,11 +157,11 @@ class PrefixIndex:
         if not blocks:
             return
         bit = self.bits[worker]
-        for node in list(blocks.values()):
-            self._drop(bit, node, node.mask(bit))
+        for chain in blocks.values():
+            self._drop(bit, chain, self._mask(chain, bit))
         blocks.clear()
 
-    def _known(self, worker: Worker) -> dict[Any, Node]:
+    def _known(self, worker: Worker) -> dict[Any, int]:
         """The worker's blocks, giving it a bit at first sight."""
         blocks = self.lookup.get(worker)
         if blocks is None:
@@ -231,7 +216,34 @@ class PrefixIndex:
             return EXTERNAL
         return tier
 
-    def _store(self, worker: Worker, bit: int, blocks: dict[Any, Node], event: Any) -> None:
+    def _mask(self, chain: int, bit: int) -> int:
+        """The tiers in which the worker of `bit` holds the block (0: not at all)."""
+        if not self.holders.get(chain, 0) & bit:
+            return 0
+        tiers = self.tiers.get(chain)
+        return GPU if tiers is None else tiers.get(bit, GPU)
+
+    def _set_mask(self, chain: int, bit: int, mask: int) -> None:
+        holders = self.holders
+        held = holders.get(chain, 0)
+        tiers = self.tiers.get(chain)
+        if tiers is not None and mask in (0, GPU):
+            tiers.pop(bit, None)
+            if not tiers:
+                del self.tiers[chain]
+        elif mask not in (0, GPU):
+            if tiers is None:
+                tiers = self.tiers[chain] = {}
+            tiers[bit] = mask
+        if mask:
+            holders[chain] = held | bit
+        elif held & ~bit:
+            holders[chain] = held & ~bit
+        elif held:
+            del holders[chain]
+            del self.links[chain]
+
+    def _store(self, worker: Worker, bit: int, blocks: dict[Any, int], event: Any) -> None:
         counters = self.counters
         size = event.block_size
         if size != self.block_size:
@@ -240,14 +252,14 @@ class PrefixIndex:
         hashes = event.block_hashes
         parent_hash = event.parent_block_hash
         if parent_hash is None:
-            node = self.root
+            parent_chain = ROOT
         else:
             found = blocks.get(parent_hash)
             if found is None:
                 counters["unknown_parent"] += 1
                 self.mark_stale(worker, "a stored block's parent is unknown")
                 return
-            node = found
+            parent_chain = found
         try:
             keys = local_block_hashes(
                 event.token_ids, size, event.lora_name, getattr(event, "cache_salt", None)
@@ -260,69 +272,112 @@ class PrefixIndex:
             self.mark_stale(worker, "a stored event has fewer tokens than blocks")
             return
         tier = self._tier(event.medium)
-        not_gpu = tier != GPU
-        for block_hash, key in zip(hashes, keys, strict=False):
-            children = node.children
-            if children is None:
-                children = node.children = {}
-            child = children.get(key)
-            if child is None:
-                child = children[key] = Node(node, key)
-            old = blocks.get(block_hash)
-            moved = old is not None and old is not child
-            if old is not child and child.workers & bit:
-                # The worker holds this block under another id: the engine renamed it;
-                # the old id is forgotten (rare, so a scan is fine).
-                for alias, node_of in blocks.items():
-                    if node_of is child and alias != block_hash:
-                        del blocks[alias]
-                        break
-            if not child.workers & bit and tier == GPU:
-                child.workers |= bit  # the common case, without the tier bookkeeping
-            else:
-                mask = child.mask(bit)
-                if not mask & tier:
-                    child.set_mask(bit, mask | tier)
-                    if not_gpu:
-                        self._other_tiers += 1
-            blocks[block_hash] = child
-            if moved:
-                # The id moved here from elsewhere. Dropped only now that the worker holds
-                # `child`: pruning the old place's branch could otherwise take `child` (an
-                # ancestor of the old place nobody held) out of the tree with it.
-                assert old is not None
-                self._drop(bit, old, old.mask(bit))
-            node = child
-        counters["blocks_stored"] += len(hashes)
+        count = len(hashes)
+        if count < len(keys):
+            keys = keys[:count]
+        chains: list[int] = []
+        append = chains.append
+        chain = parent_chain
+        for key in keys:
+            chain = hash((chain, key))
+            append(chain)
+        holders = self.holders
+        held = list(map(holders.get, chains, repeat(0, count)))
+        if (
+            tier == GPU
+            and not reduce(or_, held, 0) & bit
+            and blocks.keys().isdisjoint(hashes)
+            and self._add_new(blocks, hashes, chains)
+        ):
+            # The common case, a branch new to this worker under new ids: whole-event dict
+            # updates instead of a Python step per block.
+            parents = [parent_chain, *chains[:-1]] if count else []
+            self.links.update(
+                {
+                    c: p << 64 | k
+                    for c, p, k, h in zip(chains, parents, keys, held, strict=True)
+                    if not h
+                }
+            )
+            holders.update(zip(chains, [h | bit for h in held], strict=True))
+        else:
+            self._store_each(bit, blocks, hashes, keys, chains, parent_chain, tier)
+        counters["blocks_stored"] += count
 
-    def _remove(self, worker: Worker, bit: int, blocks: dict[Any, Node], event: Any) -> None:
+    @staticmethod
+    def _add_new(blocks: dict[Any, int], hashes: list[Any], chains: list[int]) -> bool:
+        """Adds the ids (none of them held yet); False, adding nothing, if one repeats."""
+        before = len(blocks)
+        blocks.update(zip(hashes, chains, strict=True))
+        if len(blocks) - before == len(hashes):
+            return True
+        for block_hash in hashes:
+            blocks.pop(block_hash, None)
+        return False
+
+    def _store_each(
+        self,
+        bit: int,
+        blocks: dict[Any, int],
+        hashes: list[Any],
+        keys: list[int],
+        chains: list[int],
+        parent: int,
+        tier: int,
+    ) -> None:
+        holders = self.holders
+        links = self.links
+        for block_hash, key, chain in zip(hashes, keys, chains, strict=True):
+            held = holders.get(chain, 0)
+            old = blocks.get(block_hash)
+            if old != chain:
+                if held & bit:
+                    # The worker holds this block under another id: the engine renamed it;
+                    # the old id is forgotten (rare, so a scan is fine).
+                    for alias, chain_of in blocks.items():
+                        if chain_of == chain:
+                            del blocks[alias]
+                            break
+                blocks[block_hash] = chain
+                if old is not None:
+                    # The id moved here from elsewhere: the old place loses this worker.
+                    self._drop(bit, old, self._mask(old, bit))
+                    held = holders.get(chain, 0)
+            if not held:
+                links[chain] = parent << 64 | key
+            if tier == GPU and not held & bit:
+                holders[chain] = held | bit
+            else:
+                mask = self._mask(chain, bit)
+                if not mask & tier:
+                    self._set_mask(chain, bit, mask | tier)
+                    if tier != GPU:
+                        self._other_tiers += 1
+            parent = chain
+
+    def _remove(self, worker: Worker, bit: int, blocks: dict[Any, int], event: Any) -> None:
         tier = self._tier(event.medium)
         for block_hash in event.block_hashes:
-            node = blocks.get(block_hash)
-            mask = 0 if node is None else node.mask(bit)
-            if node is None or not mask & tier:
+            chain = blocks.get(block_hash)
+            mask = 0 if chain is None else self._mask(chain, bit)
+            if chain is None or not mask & tier:
                 self.counters["unknown_removal"] += 1
                 self.mark_stale(worker, "a removed block is unknown")
                 continue
             self.counters["blocks_removed"] += 1
             if mask == tier:
                 del blocks[block_hash]
-            self._drop(bit, node, tier)
+            self._drop(bit, chain, tier)
 
-    def _drop(self, bit: int, node: Node, tiers: int) -> None:
-        """Take `tiers` of the worker's bit off the node; prune nodes nobody holds or leads
-        through."""
-        mask = node.mask(bit)
+    def _drop(self, bit: int, chain: int, tiers: int) -> None:
+        """Take `tiers` of the worker's bit off the block; a block nobody holds is gone
+        (its descendants keep their own keys: matching stops at the gap)."""
+        mask = self._mask(chain, bit)
         gone = mask & tiers
         if not gone:
             return
         self._other_tiers -= bin(gone & ~GPU).count("1")
-        node.set_mask(bit, mask & ~gone)
-        while node.parent is not None and not node.workers and not node.children:
-            siblings = node.parent.children
-            assert siblings is not None
-            del siblings[node.key]
-            node = node.parent
+        self._set_mask(chain, bit, mask & ~gone)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -347,25 +402,24 @@ class PrefixIndex:
                 gpu = cpu = disk = depth
             else:
                 bit = bits[worker]
-                gpu, cpu, disk = (_leading(path, bit, depth, tiers) for _, tiers in _CUMULATIVE)
+                masks = [self._mask(chain, bit) for chain in path[:depth]]
+                gpu, cpu, disk = (_leading(masks, tiers) for _, tiers in _CUMULATIVE)
             out[worker] = Match(depth, gpu, cpu, disk, len(lookup.get(worker, ())), worker in stale)
         return out
 
-    def _walk(self, hashes: list[int], tiers: bool) -> tuple[dict[Worker, int], list[Node] | None]:
+    def _walk(self, hashes: list[int], tiers: bool) -> tuple[dict[Worker, int], list[int] | None]:
         """Leading blocks matched per worker: a worker drops out at its first missing block
-        (children need not hold a subset of their parent's workers: removal leaves gaps)."""
+        (a block's holders need not be a subset of its parent's: removal leaves gaps)."""
         depths: dict[Worker, int] = {}
         worker_of = self._worker_of_bit
-        path: list[Node] | None = [] if tiers else None
-        node = self.root
+        holders = self.holders
+        path: list[int] | None = [] if tiers else None
+        chain = ROOT
         active = -1  # every bit: the first block sets who is in the running
         depth = 0
         for key in hashes:
-            children = node.children
-            child = None if children is None else children.get(key)
-            if child is None:
-                break
-            kept = active & child.workers
+            chain = hash((chain, key))
+            kept = active & holders.get(chain, 0)
             if kept != active and depth:
                 left = active & ~kept
                 while left:
@@ -377,8 +431,7 @@ class PrefixIndex:
                 break
             depth += 1
             if path is not None:
-                path.append(child)
-            node = child
+                path.append(chain)
         while active > 0:
             low = active & -active
             depths[worker_of[low]] = depth
@@ -401,18 +454,19 @@ class PrefixIndex:
         """The worker's blocks as `(parent engine hash, [(engine hash, local hash)])` runs,
         parents first (for /dump)."""
         blocks = self.lookup.get(worker, {})
-        by_node = {id(node): h for h, node in blocks.items()}
-        for block_hash, node in blocks.items():
-            parent = node.parent
-            parent_hash = None if parent is None else by_node.get(id(parent))
-            yield parent_hash, [(block_hash, node.key)]
+        by_chain = {chain: h for h, chain in blocks.items()}
+        links = self.links
+        for block_hash, chain in blocks.items():
+            link = links[chain]
+            parent = link >> 64
+            yield by_chain.get(parent) if parent != ROOT else None, [(block_hash, link & _U64)]
 
 
-def _leading(path: list[Node], bit: int, depth: int, tiers: int) -> int:
-    for i in range(depth):
-        if not path[i].mask(bit) & tiers:
+def _leading(masks: list[int], tiers: int) -> int:
+    for i, mask in enumerate(masks):
+        if not mask & tiers:
             return i
-    return depth
+    return len(masks)
 
 
 __all__ = ["Match", "PrefixIndex", "TIER_NAMES", "Worker", "block_seed"]

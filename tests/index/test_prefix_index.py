@@ -266,51 +266,35 @@ class IndexMachine(RuleBasedStateMachine):
         if not isinstance(self.index, PrefixIndex):
             return
         outside = 0
-        for node in self._nodes():
+        for chain in self.index.holders:
             for bit in self.index.bits.values():
-                outside += bin(node.mask(bit) & ~GPU).count("1")
+                outside += bin(self.index._mask(chain, bit) & ~GPU).count("1")
         assert self.index._other_tiers == outside
 
-    def _nodes(self) -> list[Any]:
-        stack = list((self.index.root.children or {}).values())
-        nodes = []
-        while stack:
-            node = stack.pop()
-            nodes.append(node)
-            stack.extend((node.children or {}).values())
-        return nodes
-
     @invariant()
-    def a_node_holds_exactly_the_bits_of_the_workers_that_list_it(self) -> None:
+    def a_block_holds_exactly_the_bits_of_the_workers_that_list_it(self) -> None:
         """Worker bits are freed when a worker is removed and given to the next: a bit left
-        on a node would lend its blocks to a stranger."""
+        on a block would lend it to a stranger; a block nobody lists must be gone."""
         if not isinstance(self.index, PrefixIndex):
             return
         listed: dict[int, int] = {}
         for worker, blocks in self.index.lookup.items():
-            for node in blocks.values():
-                listed[id(node)] = listed.get(id(node), 0) | self.index.bits[worker]
-        for node in self._nodes():
-            assert node.workers == listed.get(id(node), 0), "a node's worker bits drifted"
+            for chain in blocks.values():
+                listed[chain] = listed.get(chain, 0) | self.index.bits[worker]
+        assert self.index.holders == listed, "a block's worker bits drifted"
         assert len(set(self.index.bits.values())) == len(self.index.bits)
 
     @invariant()
-    def every_held_block_is_in_the_tree(self) -> None:
+    def every_held_block_keeps_its_link_and_no_other_is_kept(self) -> None:
         if not isinstance(self.index, PrefixIndex):
             return
-        for blocks in self.index.lookup.values():
-            for node in blocks.values():
-                while node.parent is not None:
-                    assert (node.parent.children or {}).get(node.key) is node, "detached"
-                    node = node.parent
-                assert node is self.index.root
-
-    @invariant()
-    def no_empty_leaves_are_kept(self) -> None:
-        if not isinstance(self.index, PrefixIndex):
-            return
-        for node in self._nodes():
-            assert node.workers or node.children, "a node nobody holds or leads through"
+        assert self.index.links.keys() == self.index.holders.keys()
+        assert set(self.index.tiers) <= set(self.index.holders)
+        for chain, link in self.index.links.items():
+            parent = link >> 64
+            assert hash((parent, link & ((1 << 64) - 1))) == chain, "a link names another block"
+        for tiers in self.index.tiers.values():
+            assert tiers and all(mask not in (0, GPU) for mask in tiers.values())
 
 
 IndexMachine.TestCase.settings = settings(
@@ -387,7 +371,7 @@ def test_an_id_moved_onto_an_ancestor_of_its_old_block_stays_in_the_tree() -> No
     match = index.query([1, 2, 3, 4])[worker]
     assert (match.blocks, match.stale) == (2, False)
     index.apply(worker, KVEventBatch(ts=0.0, events=[AllBlocksCleared()]))
-    assert index.query([1, 2, 3, 4]) == {} and index.root.children in (None, {})
+    assert index.query([1, 2, 3, 4]) == {} and not index.holders and not index.links
 
 
 def test_a_renamed_block_keeps_its_tiers_apart() -> None:

@@ -32,11 +32,12 @@ same order as Dynamo's own u64 sequence hashes.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from functools import reduce
 from itertools import repeat
 from operator import or_
 from typing import Any
+
+import msgspec
 
 from .backend import Worker
 from .blockhash import block_seed, local_block_hashes
@@ -63,8 +64,7 @@ TIER_NAMES = {GPU: "gpu", CPU: "cpu", DISK: "disk", EXTERNAL: "external"}
 _CUMULATIVE = (("gpu", GPU), ("cpu", GPU | CPU), ("disk", GPU | CPU | DISK))
 
 
-@dataclass(frozen=True)
-class Match:
+class Match(msgspec.Struct, frozen=True, gc=False):
     """One worker's answer to a query. Counts are leading blocks; tiers are cumulative
     (gpu ≤ cpu ≤ disk ≤ blocks, as in Mooncake's RFC and Dynamo's /query)."""
 

@@ -445,3 +445,108 @@ def test_long_queries_are_answered_from_the_large_query_process(service, publish
         answers.append(server.call("POST", "/query", {"token_ids": long_prompt, "model_name": "m"}))
     assert answers[-1][0] == 200, answers
     assert answers[-1][1]["scores"] == {"1": {"0": 3 * BS}}, answers
+
+
+def _read_responses(raw: socket.socket, count: int, deadline: float) -> list[tuple[int, bytes]]:
+    """`count` HTTP responses (status, body) read from one connection, in order."""
+    buffer = b""
+    out: list[tuple[int, bytes]] = []
+    while len(out) < count:
+        head_end = buffer.find(b"\r\n\r\n")
+        if head_end >= 0:
+            head = buffer[:head_end].decode("latin-1").lower()
+            length = next(
+                (
+                    int(line.split(":", 1)[1])
+                    for line in head.split("\r\n")
+                    if line.startswith("content-length:")
+                ),
+                None,
+            )
+            chunked = "transfer-encoding: chunked" in head
+            body_start = head_end + 4
+            if length is not None and len(buffer) >= body_start + length:
+                out.append((int(head.split()[1]), buffer[body_start : body_start + length]))
+                buffer = buffer[body_start + length :]
+                continue
+            if chunked and b"\r\n0\r\n\r\n" in buffer[body_start - 2 :]:
+                end = buffer.index(b"\r\n0\r\n\r\n", body_start - 2) + 7
+                out.append((int(head.split()[1]), _dechunk(buffer[body_start:end])))
+                buffer = buffer[end:]
+                continue
+        raw.settimeout(max(0.01, deadline - time.monotonic()))
+        data = raw.recv(65536)
+        if not data:
+            break
+        buffer += data
+    return out
+
+
+def _dechunk(body: bytes) -> bytes:
+    out, position = b"", 0
+    while True:
+        line_end = body.index(b"\r\n", position)
+        size = int(body[position:line_end], 16)
+        if not size:
+            return out
+        out += body[line_end + 2 : line_end + 2 + size]
+        position = line_end + 4 + size
+
+
+def test_the_query_fast_lane_keeps_http_order_keep_alive_and_close(service, publishers) -> None:
+    """Short queries are answered by the protocol itself, without the ASGI cycle. Pipelined
+    behind a request still on the ASGI path they must wait their turn (answers in request
+    order); errors keep the connection; `Connection: close` and HTTP/1.0 close after the
+    answer; and /metrics counts them."""
+    server = service()
+    _, _, tokens = one_worker_indexed(server, publishers, seed=41, blocks=4)
+    query = json.dumps({"token_ids": tokens, "model_name": "m"}).encode()
+
+    def post(path: str, body: bytes, extra: bytes = b"", version: bytes = b"1.1") -> bytes:
+        return b"POST %s HTTP/%s\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s" % (
+            path.encode(),
+            version,
+            len(body),
+            extra,
+            body,
+        )
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+        pipelined = (
+            b"GET /dump HTTP/1.1\r\nHost: x\r\n\r\n"
+            + post("/query", query)
+            + post("/query", b"{not json")
+            + post("/query", json.dumps({"token_ids": tokens, "model_name": "none"}).encode())
+            + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            + post("/query", query)
+        )
+        raw.sendall(post("/query", query) + post("/query", query) + pipelined)
+        answers = _read_responses(raw, 8, time.monotonic() + 10)
+    for status, body in answers[:2]:
+        assert status == 200 and json.loads(body)["scores"] == {"1": {"0": 4 * BS}}, body
+    answers = answers[2:]
+    statuses = [status for status, _ in answers]
+    assert statuses == [200, 200, 400, 404, 200, 200], answers
+    assert b'"events"' in answers[0][1], answers
+    assert json.loads(answers[4][1]) == {"status": "ok"}, answers
+    for _, body in (answers[1], answers[5]):
+        assert json.loads(body)["scores"] == {"1": {"0": 4 * BS}}, body
+    assert json.loads(answers[2][1])["error"].startswith("malformed JSON")
+
+    for extra, version in ((b"Connection: close\r\n", b"1.1"), (b"", b"1.0")):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(post("/query", query, extra, version))
+            answers = _read_responses(raw, 1, time.monotonic() + 5)
+            assert answers and answers[0][0] == 200, answers
+            raw.settimeout(2)  # under the 5 s keep-alive, which would close it anyway
+            started = time.monotonic()
+            assert raw.recv(100) == b"", "the connection was kept open after the answer"
+            assert time.monotonic() - started < 1, "closed by the keep-alive timeout only"
+
+    status, metrics = server.call("GET", "/metrics")
+    counted = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("kvevents_index_http_requests_total{")
+    }
+    assert counted["all"] >= 12 and counted["error"] >= 2, counted

@@ -357,6 +357,11 @@ class PrefixIndex:
 
     def _remove(self, worker: Worker, bit: int, blocks: dict[Any, int], event: Any) -> None:
         tier = self._tier(event.medium)
+        if tier == GPU and not self._other_tiers:
+            # Every entry is GPU alone (vLLM sends one removal per evicted block, so this is
+            # the hot path of a busy engine): a removal is the id forgotten and the bit off.
+            self._remove_gpu_only(worker, bit, blocks, event.block_hashes)
+            return
         for block_hash in event.block_hashes:
             chain = blocks.get(block_hash)
             mask = 0 if chain is None else self._mask(chain, bit)
@@ -368,6 +373,26 @@ class PrefixIndex:
             if mask == tier:
                 del blocks[block_hash]
             self._drop(bit, chain, tier)
+
+    def _remove_gpu_only(
+        self, worker: Worker, bit: int, blocks: dict[Any, int], hashes: list[Any]
+    ) -> None:
+        holders = self.holders
+        removed = 0
+        for block_hash in hashes:
+            chain = blocks.pop(block_hash, None)
+            if chain is None:
+                self.counters["unknown_removal"] += 1
+                self.mark_stale(worker, "a removed block is unknown")
+                continue
+            removed += 1
+            held = holders[chain] & ~bit
+            if held:
+                holders[chain] = held
+            else:
+                del holders[chain]
+                del self.links[chain]
+        self.counters["blocks_removed"] += removed
 
     def _drop(self, bit: int, chain: int, tiers: int) -> None:
         """Take `tiers` of the worker's bit off the block; a block nobody holds is gone

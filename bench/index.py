@@ -58,9 +58,13 @@ def _theirs(llm: Any, workload: index_workload.Workload) -> Any:
     return tree, time.perf_counter() - started
 
 
-def measure_core(sequences: int, reps: int) -> dict[str, Figure]:
+def measure_core(
+    sequences: int, reps: int, workers: int = index_workload.WORKERS
+) -> dict[str, Figure]:
     llm = dynamo.llm()
-    workload = index_workload.build(sequences, dynamo_hash=llm.compute_block_hash_for_seq)
+    workload = index_workload.build(
+        sequences, dynamo_hash=llm.compute_block_hash_for_seq, workers=workers
+    )
     figures = {
         name: Figure(unit)
         for name, unit in (
@@ -93,6 +97,8 @@ def measure_core(sequences: int, reps: int) -> dict[str, Figure]:
         del ours, theirs
     figures["entries"] = Figure("entries")
     figures["entries"].add(workload.entries)
+    figures["workers"] = Figure("workers")
+    figures["workers"].add(workers)
     return figures
 
 

@@ -46,7 +46,7 @@ def _engine_hashes(tokens: list[int]) -> list[int]:
     return out
 
 
-def build(sequences: int, seed: int = 0, dynamo_hash=None) -> Workload:  # type: ignore[no-untyped-def]
+def build(sequences: int, seed: int = 0, dynamo_hash=None, workers: int = WORKERS) -> Workload:  # type: ignore[no-untyped-def]
     """`dynamo_hash(tokens, block_size)` gives Dynamo's local hashes for its events; kvevents'
     own function is used when None (they are equal: tests/index/test_dynamo_hashes.py)."""
     from kvevents.index import local_block_hashes
@@ -64,7 +64,7 @@ def build(sequences: int, seed: int = 0, dynamo_hash=None) -> Workload:  # type:
     entries = 0
     chosen = []
     for i in range(sequences):
-        worker, prefix = i % WORKERS, rng.randrange(PREFIXES)
+        worker, prefix = i % workers, rng.randrange(PREFIXES)
         seq = prefixes[prefix] + tokens(SEQ_TOKENS - PREFIX_TOKENS)
         chosen.append(seq)
         ext = _engine_hashes(seq)

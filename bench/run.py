@@ -36,6 +36,8 @@ class Settings:
     snapshot_blocks: tuple[int, ...] = (10_000, 100_000)
     index_sequences: tuple[int, ...] = (2_600, 31_000)
     """Appendix A's ~99.5k (worker, block) entries, and ~1M; memory is read at the last."""
+    index_wide: tuple[int, int] | None = (31_000, 64)
+    """(sequences, workers) of one more query/ingest row: ~1M entries over 64 workers."""
 
     @classmethod
     def quick(cls) -> Settings:
@@ -47,6 +49,7 @@ class Settings:
             rss_batches=50_000,
             snapshot_blocks=(10_000,),
             index_sequences=(2_600,),
+            index_wide=None,
         )
 
 
@@ -195,6 +198,12 @@ def measure_index(settings: Settings) -> dict[str, Any]:
     for sequences in settings.index_sequences:
         out["core"][sequences] = index.measure_core(sequences, settings.reps)
         _log(f"index: {sequences} sequences done")
+    if settings.index_wide is not None:
+        sequences, workers = settings.index_wide
+        out["core"][f"{sequences}x{workers}"] = index.measure_core(
+            sequences, settings.reps, workers
+        )
+        _log(f"index: {sequences} sequences over {workers} workers done")
     out["memory"] = index.measure_memory(settings.index_sequences[-1])
     _log("index: memory done")
     out["http"] = index.measure_http(settings.index_sequences[0], settings.reps)

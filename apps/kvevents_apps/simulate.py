@@ -234,6 +234,9 @@ class Simulation:
             "wall_s": time.monotonic() - started,
             "mismatches": check["mismatches"],
             "unflagged_mismatches": check["unflagged_mismatches"],
+            "mismatches_per_worker": check["per_worker"],
+            "caught_up": check["caught_up"],
+            "behind": check["behind"],
             "stale_workers": check["stale_workers"],
             "index_counters": check["index_counters"],
             "checks": self.checks,
@@ -463,8 +466,32 @@ class Simulation:
             "per_worker": per_worker,
             "stale_workers": stale,
             "caught_up": caught_up(),
+            "behind": self._behind(),
             "index_counters": live.all_counters(),
         }
+
+    def _behind(self) -> dict[int, dict[str, Any]]:
+        """What each worker's stream still owes the index (empty when it is caught up): what
+        a timeout of the check reports instead of a bare count of mismatches."""
+        out = {}
+        for number, worker in enumerate(self.workers):
+            counters = worker.engine.publisher.counters()
+            state = self.live.state((number, 0))
+            expected = None if state is None else state.expected
+            if (
+                counters["queue_depth"]
+                or state is None
+                or state.syncing
+                or (expected or 0) < counters["next_seq"]
+            ):
+                out[number] = {
+                    "published_next_seq": counters["next_seq"],
+                    "publisher_queue_depth": counters["queue_depth"],
+                    "index_expected_seq": expected,
+                    "syncing": None if state is None else state.syncing,
+                    "status": None if state is None else state.status,
+                }
+        return out
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:
@@ -486,7 +513,12 @@ def run_policies(
         if options.progress:
             print(
                 f"kvevents simulate: {policy} done in {result['wall_s']:.1f} s, "
-                f"{result['mismatches']} mismatches",
+                f"{result['mismatches']} mismatches"
+                + (
+                    ""
+                    if result["caught_up"]
+                    else f" (the index had not caught up within 30 s: {result['behind']})"
+                ),
                 file=sys.stderr,
             )
     return results

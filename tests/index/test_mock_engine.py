@@ -223,3 +223,29 @@ def test_the_timing_model_is_dynamos_default() -> None:
     assert model.prefill_ms(1000) == pytest.approx(4.209989e-7 * 1e6 + 15.18344 + 16.50142)
     assert model.decode_ms(0.5) == pytest.approx(-25.74 * 0.25 + 27.005 + 5.74)
     assert model.decode_ms(1.0) == pytest.approx(max(1.0, -25.74 + 54.01 + 5.74))
+
+
+def test_a_check_that_times_out_says_what_the_index_is_missing(monkeypatch) -> None:
+    """The end-of-run check waits for every published seq; when it gives up it must say
+    which worker's stream is behind and by how much, not only count mismatches."""
+    requests = list(sim.synthetic(requests=40, seed=5, prompts=2, prompt_tokens=64))
+    options = sim.Options(workers=2, capacity_blocks=64, progress=False)
+    real_check = sim.Simulation.check
+
+    async def check(self: Any, timeout: float = 30.0) -> dict[str, Any]:
+        caught_up = await real_check(self, timeout)
+        assert caught_up["caught_up"] and not caught_up["behind"], caught_up
+        self.workers[1].engine.clear()  # one more batch, published by the check itself
+
+        async def not_reading(timeout: float = 0.0) -> None:
+            await asyncio.sleep(0.01)
+
+        monkeypatch.setattr(self.live, "step", not_reading)
+        return await real_check(self, timeout=0.5)
+
+    monkeypatch.setattr(sim.Simulation, "check", check)
+    result = asyncio.run(sim.Simulation("round_robin", requests, options).run())
+    assert result["caught_up"] is False, result
+    behind = result["behind"]
+    assert list(behind) == [1], behind
+    assert behind[1]["index_expected_seq"] < behind[1]["published_next_seq"], behind

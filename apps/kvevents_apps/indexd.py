@@ -9,8 +9,7 @@ body in plain text), stale workers are left out of `scores` and listed under `st
 
 A raw ASGI application on uvicorn, except the hot path: a /query or /query_by_hash of at most
 LARGE_QUERY bytes, with nothing pipelined before it, is answered by the HTTP protocol itself
-in one write (no ASGI cycle, task or chunked framing: about a third of a request's cost on
-uvicorn's path). JSON in and out with msgspec, one `LiveIndex` per
+in one write (no ASGI cycle, task or chunked framing). JSON in and out with msgspec, one `LiveIndex` per
 (model_name, routing_group), all fed by one `IndexFeed` (one subscriber, one poll, one task)
 under supervision: a failure is logged with its traceback, counted in /metrics, marks the
 workers it concerns stale in every answer and is retried; /health answers 503 with the

@@ -26,7 +26,9 @@ Every anomaly is counted in `counters`.
 Limit: chain keys are 64-bit hashes (CPython's tuple hash of the parent key and the local
 hash, which reduces each int modulo 2**61 - 1 first), so two different prefixes share a key
 with a probability of about n**2 / 2**62 for n distinct blocks (2e-5 at 10M blocks), the
-same order as Dynamo's own u64 sequence hashes.
+same order as Dynamo's own u64 sequence hashes. Chain keys never leave the process (answers
+and /dump carry engine and local hashes), so a Python whose tuple hash differs changes nothing
+outside it; a shared backend would need a keyed hash of its own.
 """
 
 from __future__ import annotations
@@ -96,11 +98,6 @@ COUNTER_NAMES = (
 ROOT = 0
 """The chain key a first block chains onto."""
 _U64 = (1 << 64) - 1
-
-
-def chain_key(parent: int, local: int) -> int:
-    """The key of a block with local hash `local` under the block keyed `parent`."""
-    return hash((parent, local))
 
 
 class PrefixIndex:
@@ -342,7 +339,6 @@ class PrefixIndex:
                 if old is not None:
                     # The id moved here from elsewhere: the old place loses this worker.
                     self._drop(bit, old, self._mask(old, bit))
-                    held = holders.get(chain, 0)
             if not held:
                 links[chain] = parent << 64 | key
             if tier == GPU and not held & bit:

@@ -8,7 +8,10 @@ examples/features/kv_events/kv_events_subscriber.py. Each suite runs twice in a 
 subprocess: once with vLLM's import paths resolving to vLLM's own module (loaded from its
 wheel by `bench.references.install`), once with them rewritten to `kvevents.vllm`. The one
 stub, `split_zmq_path` from `vllm.utils.network_utils`, is a URL splitter the tests use to
-read endpoints, nothing of the events.
+read endpoints, nothing of the events. Upstream's `random_port` fixture draws from 10000-59900,
+which overlaps the kernel's ephemeral range, so a port a live connection holds fails the bind
+by chance (seen once in CI); both runs draw instead from `free_port_block`, a port whose
+neighbours the tests use (+1, +100, +101) were all free a moment before, below that range.
 
 Invariant: every upstream test that passes on vLLM's module passes on kvevents.
 
@@ -55,7 +58,34 @@ IMPORTS_TO_KVEVENTS = [
         "from kvevents import sglang as kv_events",
     ),
 ]
+RANDOM_PORT_DRAW = "random.randint(10000, 59900)"
 STUBS = '''"""Stubs for vLLM utilities the upstream tests use that have nothing to do with events."""
+
+import random
+import socket
+
+# Below the kernel's ephemeral range, so no connection's local port takes one while a test runs.
+_LOW, _HIGH = 10000, 32000
+# The upstream tests bind the drawn port, the next (dp rank 1) and both of those + 100 (replay).
+_OFFSETS = (0, 1, 100, 101)
+
+
+def _bindable(port):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block():
+    """A port whose block of offsets could all be bound just now."""
+    for _ in range(200):
+        port = random.randint(_LOW, _HIGH - max(_OFFSETS))
+        if all(_bindable(port + offset) for offset in _OFFSETS):
+            return port
+    raise RuntimeError(f"no free port block in {_LOW}-{_HIGH} after 200 draws")
 
 
 def split_zmq_path(path):
@@ -108,6 +138,9 @@ def _write_suite(base: Path, sources: dict[str, str], target: str) -> Path:
     (package / "__init__.py").write_text("")
     for member, name in SUITE.items():
         text = sources[member] if target == "vllm" else _rewrite(sources[member])
+        if name == "conftest.py":
+            assert RANDOM_PORT_DRAW in text, "upstream's random_port fixture changed"
+            text = text.replace(RANDOM_PORT_DRAW, "__import__('upstream_stubs').free_port_block()")
         (package / name).write_text(text)
     (base / "upstream_stubs.py").write_text(STUBS)
     (base / "pytest.ini").write_text("[pytest]\ntimeout = 120\n")

@@ -193,7 +193,7 @@ def _burst_while_stalled(
     totals.burst = burst
     # Until the publisher thread has sent the burst, the PUB has dropped nothing yet.
     deadline = time.monotonic() + 10
-    while publisher.counters()["queue_depth"] and time.monotonic() < deadline:
+    while publisher.flushed_next_seq() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     totals.burst_done.set()
     for index in range(totals.published[0], totals.published[0] + remaining - burst):

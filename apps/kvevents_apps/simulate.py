@@ -427,27 +427,16 @@ class Simulation:
         live = self.live
         deadline = time.monotonic() + timeout
 
-        def caught_up() -> bool:
-            for number, worker in enumerate(self.workers):
-                counters = worker.engine.publisher.counters()
-                if counters["queue_depth"]:
-                    return False
-                state = live.state((number, 0))
-                if state is None or state.syncing:
-                    return False
-                if (state.expected or 0) < counters["next_seq"]:
-                    return False
-            return True
-
         def healed() -> bool:
             # A stale worker whose publisher keeps snapshots is healed by the next one.
             return not any(
                 (state := live.state(w)) is not None and state.snapshots for w in live.stale
             )
 
-        while not (caught_up() and healed()) and time.monotonic() < deadline:
+        while (self._behind() or not healed()) and time.monotonic() < deadline:
             await live.step(0.02)
         await live.step(0)
+        behind = self._behind()
         mismatches = 0
         unflagged = 0
         per_worker = {}
@@ -465,32 +454,41 @@ class Simulation:
             "unflagged_mismatches": unflagged,
             "per_worker": per_worker,
             "stale_workers": stale,
-            "caught_up": caught_up(),
-            "behind": self._behind(),
+            "caught_up": not behind,
+            "behind": behind,
             "index_counters": live.all_counters(),
         }
 
     def _behind(self) -> dict[int, dict[str, Any]]:
-        """What each worker's stream still owes the index (empty when it is caught up): what
-        a timeout of the check reports instead of a bare count of mismatches."""
+        """What each worker's stream still owes the index, decided by sequence numbers (empty
+        when every seq each publisher gave out is delivered or reported lost): what a timeout
+        of the check reports instead of a bare count of mismatches."""
         out = {}
         for number, worker in enumerate(self.workers):
-            counters = worker.engine.publisher.counters()
+            publisher = worker.engine.publisher
+            flushed = publisher.flushed_next_seq()
             state = self.live.state((number, 0))
-            expected = None if state is None else state.expected
             if (
-                counters["queue_depth"]
-                or state is None
-                or state.syncing
-                or (expected or 0) < counters["next_seq"]
+                flushed is not None
+                and state is not None
+                and state.complete
+                and state.instance == publisher.instance
+                and (state.expected or 0) >= flushed
             ):
-                out[number] = {
-                    "published_next_seq": counters["next_seq"],
-                    "publisher_queue_depth": counters["queue_depth"],
-                    "index_expected_seq": expected,
-                    "syncing": None if state is None else state.syncing,
-                    "status": None if state is None else state.status,
-                }
+                continue
+            counters = publisher.counters()
+            out[number] = {
+                "published_next_seq": counters["next_seq"],
+                "publisher_queue_depth": counters["queue_depth"],
+                "publisher_flushed": flushed is not None,
+                "index_expected_seq": None if state is None else state.expected,
+                "index_stream_complete": None if state is None else state.complete,
+                "same_publisher_instance": None
+                if state is None
+                else state.instance == publisher.instance,
+                "syncing": None if state is None else state.syncing,
+                "status": None if state is None else state.status,
+            }
         return out
 
 

@@ -52,6 +52,14 @@ class WorkerState:
     """A replay, snapshot or info request is in flight for it."""
     expected: int | None
     """The next seq its stream is to deliver."""
+    complete: bool
+    """Every seq below `expected` was delivered or reported lost, and nothing is held or
+    being replayed: `expected` is a cut of the stream. An idle info probe in flight does not
+    change it (it asks only whether anything newer exists)."""
+    instance: bytes | None
+    """The publisher instance the stream is in (its info answer); None before the first
+    answer, and for publishers without info. With `expected`, where the index is in which
+    publisher's stream."""
     snapshots: bool
     """Its publisher keeps snapshots (a stale worker heals by itself)."""
     stale_reason: str | None
@@ -310,6 +318,8 @@ class LiveIndex:
             silent_for=silent_for,
             syncing=sequencer is not None and sequencer.outstanding is not None,
             expected=None if source is None else source.expected,
+            complete=sequencer is not None and sequencer.inline and sequencer.expected is not None,
+            instance=None if sequencer is None else sequencer.instance,
             snapshots=sequencer is not None and sequencer.snapshots_available,
             stale_reason=reason,
         )

@@ -158,6 +158,9 @@ class ZmqPublisherCore:
         self._failure_log = RateLimitedLog(logger)
 
         self._next_seq = 0
+        self._sending = False
+        """Set by the thread before it takes a chunk off the queue and cleared once that
+        chunk's seqs are counted: a batch can be off the queue and not yet in `_next_seq`."""
         self._published = 0
         self._dropped_queue_full = 0
         self._dropped_oldest = 0
@@ -229,6 +232,7 @@ class ZmqPublisherCore:
         published = 0
         try:
             while not self._abandon:
+                self._sending = True
                 seq, taken, sent = send_chunk(
                     take,
                     send,
@@ -244,6 +248,7 @@ class ZmqPublisherCore:
                 published += sent
                 self._next_seq = seq
                 self._published = published
+                self._sending = False  # after the seqs: see flushed_next_seq
                 if serving:
                     if replay.has_requests():
                         replay.take_requests(seq)
@@ -261,6 +266,7 @@ class ZmqPublisherCore:
         finally:
             self._next_seq = seq
             self._published = published
+            self._sending = False
             self._finish()
 
     def _encode_failed(self, batch: Any, exc: BaseException) -> None:
@@ -409,6 +415,21 @@ class ZmqPublisherCore:
     def connect_replay_endpoint(self) -> str | None:
         endpoint = self._replay.endpoint
         return None if endpoint is None else endpoints.connectable(endpoint)
+
+    def flushed_next_seq(self) -> int | None:
+        """The next seq, once every batch published before this call has left the thread's
+        hands (sent, failed and kept for replay, or dropped); None while any is still queued
+        or being sent. What a tool that waits for a stream to be complete compares with a
+        subscriber's expected seq: `counters()` reads one field at a time, so its queue depth
+        can read 0 while a batch just taken off the queue has no seq yet."""
+        # Read in the order opposite to the thread's writes (sending set, queue popped, seq
+        # counted, sending cleared): a batch that left the queue before the first read
+        # either is still being sent at the second, or its seq is counted by the third.
+        if self._queue:
+            return None
+        if self._sending:
+            return None
+        return self._next_seq
 
     def counters(self) -> dict[str, int]:
         """A snapshot of the publisher's counters as a plain dict; `live_blocks` and

@@ -5,6 +5,7 @@ withheld."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from bench.references import SGLANG, VLLM, ReferenceUnavailable, load
 from kvevents.mock import MockEngine, chained_hashes
 from kvevents_apps import simulate as sim
+from kvevents_runtime import publisher as runtime_publisher
 
 BS = 2
 
@@ -249,3 +251,43 @@ def test_a_check_that_times_out_says_what_the_index_is_missing(monkeypatch) -> N
     behind = result["behind"]
     assert list(behind) == [1], behind
     assert behind[1]["index_expected_seq"] < behind[1]["published_next_seq"], behind
+
+
+def test_the_check_waits_for_a_batch_the_publisher_thread_holds_unsent(monkeypatch) -> None:
+    """Caught up is decided by seqs, and a batch taken off the publisher's queue but not yet
+    sent has none: the check must wait for it rather than compare states without it. (It
+    trusted the queue depth, and compared one batch early in 3 of 6 whole-trace runs.)"""
+    requests = list(sim.synthetic(requests=40, seed=5, prompts=2, prompt_tokens=64))
+    options = sim.Options(workers=2, capacity_blocks=64, progress=False)
+    holding = threading.Event()
+    in_send = threading.Event()
+    original_send = runtime_publisher.unwrapped_send
+
+    def held_when_asked(sock: Any) -> Any:
+        send = original_send(sock)
+
+        def maybe_held(*args: Any, **kwargs: Any) -> Any:
+            if holding.is_set():
+                holding.clear()  # one batch's first frame, on whichever thread gets it
+                in_send.set()
+                time.sleep(0.5)
+            return send(*args, **kwargs)
+
+        return maybe_held
+
+    monkeypatch.setattr(runtime_publisher, "unwrapped_send", held_when_asked)
+    real_check = sim.Simulation.check
+
+    async def check(self: Any, timeout: float = 30.0) -> dict[str, Any]:
+        first = await real_check(self, timeout)
+        assert first["caught_up"] and first["mismatches"] == 0, first
+        holding.set()
+        self.workers[1].engine.clear()
+        self.workers[1].engine.step()  # its batch is taken, then held inside the send
+        assert in_send.wait(5)
+        return await real_check(self, timeout=10)
+
+    monkeypatch.setattr(sim.Simulation, "check", check)
+    result = asyncio.run(sim.Simulation("round_robin", requests, options).run())
+    assert result["caught_up"] is True, result
+    assert result["mismatches"] == 0, result

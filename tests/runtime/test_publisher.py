@@ -196,7 +196,7 @@ def test_a_full_queue_never_blocks_publish_and_every_drop_is_counted(
         worst = max(worst, time.perf_counter() - began)
     gate.set()
     assert worst < 0.5
-    assert wait_until(lambda: publisher.counters()["queue_depth"] == 0)
+    assert wait_until(lambda: publisher.flushed_next_seq() is not None)
     counters = publisher.counters()
     dropped = (
         counters["dropped_queue_full"]
@@ -206,6 +206,39 @@ def test_a_full_queue_never_blocks_publish_and_every_drop_is_counted(
     assert dropped > 0
     assert counters["next_seq"] + dropped == 2000
     assert publisher.shutdown() == 0
+
+
+def test_flushed_next_seq_waits_for_a_batch_taken_off_the_queue_but_not_yet_sent(
+    publishers, monkeypatch
+):
+    """Invariant: `flushed_next_seq()` is None until every batch published before the call has
+    a seq. The queue alone cannot say so: the thread takes a batch off it before it sends it
+    and counts its seq (the end-of-run check of `kvevents simulate` compared states with a
+    batch still in the thread's hands when it trusted the queue depth)."""
+    in_send = threading.Event()
+    gate = threading.Event()
+
+    def held(send):  # the thread stops inside its send, holding the batch it took
+        def held_send(*args, **kwargs):
+            in_send.set()
+            gate.wait(10)
+            return send(*args, **kwargs)
+
+        return held_send
+
+    wrap_socket_send(monkeypatch, held)
+    publisher = start(publishers, "vllm")
+    publisher.publish(batch_for("vllm", 0))
+    try:
+        assert in_send.wait(10)
+        counters = publisher.counters()
+        assert (counters["queue_depth"], counters["next_seq"]) == (0, 0)  # the trap
+        assert publisher.flushed_next_seq() is None
+    finally:
+        gate.set()
+    assert wait_until(lambda: publisher.flushed_next_seq() == 1)
+    publisher.shutdown()
+    assert publisher.flushed_next_seq() == 1
 
 
 def test_an_encode_failure_spends_no_seq(publishers, sockets, caplog):

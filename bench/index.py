@@ -8,7 +8,10 @@ run, on the workload of `index_workload`:
 - memory per (worker, block) entry at ~1M entries, RSS growth in a fresh process each;
 - HTTP /query, `kvevents index` against `python -m dynamo.indexer --threads 1` (its
   single-threaded, correct mode), both fed over ZeroMQ by the same 8 engines, with the same
-  raw-socket client on 1 and on 16 connections; requests/s and p50/p99.
+  raw-socket client on 1 and on 16 connections; requests/s and p50/p99. The same ASGI app
+  also runs on granian (a Rust-backed server: uvloop, one worker, single-threaded runtime),
+  so the choice of server is a measurement; it lacks only the service's fast lane, which
+  is uvicorn's protocol (see kvevents_apps.indexd).
 
 Both answers are compared before anything is timed: a ratio between indexes that disagree
 would mean nothing.
@@ -326,10 +329,31 @@ def _start(command: list[str], env: dict[str, str], port: int) -> subprocess.Pop
     raise RuntimeError(f"{command[:4]} did not start listening on {port}")
 
 
+GRANIAN_OPTIONS = [
+    "--interface",
+    "asgi",
+    "--host",
+    "127.0.0.1",
+    "--workers",
+    "1",
+    "--http",
+    "1",
+    "--no-ws",
+    "--loop",
+    "uvloop",
+    "--runtime-mode",
+    "st",
+    "--log-level",
+    "error",
+]
+"""Its best measured here (plain asyncio loop: half the rate; `--task-impl rust` within noise)."""
+
+
 def measure_http(sequences: int, reps: int) -> dict[str, Figure]:
     workload = index_workload.build(sequences)
     engines = _Engines(index_workload.WORKERS)
     ours_port, theirs_port, default_port = free_port(), free_port(), free_port()
+    granian_port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(dynamo.path()), str(ROOT)]),
@@ -350,8 +374,27 @@ def measure_http(sequences: int, reps: int) -> dict[str, Figure]:
             env,
             default_port,
         ),
+        "granian": _start(
+            [
+                sys.executable,
+                "-m",
+                "granian",
+                *GRANIAN_OPTIONS,
+                "--port",
+                str(granian_port),
+                "--factory",
+                "kvevents_apps.indexd:IndexService",
+            ],
+            env,
+            granian_port,
+        ),
     }
-    ports = {"ours": ours_port, "dynamo": theirs_port, "dynamo4": default_port}
+    ports = {
+        "ours": ours_port,
+        "dynamo": theirs_port,
+        "dynamo4": default_port,
+        "granian": granian_port,
+    }
     figures: dict[str, Figure] = {}
     try:
         for port in ports.values():
@@ -383,7 +426,7 @@ def measure_http(sequences: int, reps: int) -> dict[str, Figure]:
         for tokens in workload.queries[:100]:
             body = {"token_ids": tokens, "model_name": "bench"}
             a = _http(ours_port, "POST", "/query", body)[1]["scores"]
-            for port in (theirs_port, default_port):
+            for port in (theirs_port, default_port, granian_port):
                 b = _http(port, "POST", "/query", body)[1]["scores"]
                 if a != b:
                     raise AssertionError(f"/query answers differ: kvevents {a} Dynamo {b}")

@@ -784,6 +784,24 @@ def _index_section(index: dict[str, Any]) -> list[str]:
             http_rows,
         ),
         "",
+        *_granian_line(http),
+    ]
+
+
+def _granian_line(http: dict[str, Figure]) -> list[str]:
+    """The same app on granian: why the service stays on uvicorn (absent from older runs)."""
+    if "granian_1conn_req_per_s" not in http:
+        return []
+    rates = " / ".join(http[f"granian_{c}conn_req_per_s"].text() for c in (1, 16))
+    ratios = " / ".join(
+        _x(_ratio(http[f"granian_{c}conn_req_per_s"], http.get(f"ours_{c}conn_req_per_s")))
+        for c in (1, 16)
+    )
+    return [
+        f"The same ASGI app on granian (uvloop, one worker, single-threaded runtime; everything "
+        f"but the fast lane, which is uvicorn's protocol): {rates} req/s at 1 / 16 connections, "
+        f"{ratios} of `kvevents index`.",
+        "",
     ]
 
 

@@ -38,6 +38,9 @@ class Settings:
     """Appendix A's ~99.5k (worker, block) entries, and ~1M; memory is read at the last."""
     index_wide: tuple[int, int] | None = (31_000, 64)
     """(sequences, workers) of one more query/ingest row: ~1M entries over 64 workers."""
+    index_large: int | None = 310_000
+    """Sequences of the ~10M-entry query/ingest row (8 workers), measured once: one
+    repetition of it, workload included, takes about 3 minutes and 6.2 GB peak RSS here."""
 
     @classmethod
     def quick(cls) -> Settings:
@@ -50,6 +53,7 @@ class Settings:
             snapshot_blocks=(10_000,),
             index_sequences=(2_600,),
             index_wide=None,
+            index_large=None,
         )
 
 
@@ -208,6 +212,10 @@ def measure_index(settings: Settings) -> dict[str, Any]:
     _log("index: memory done")
     out["http"] = index.measure_http(settings.index_sequences[0], settings.reps)
     _log("index: HTTP done")
+    if settings.index_large is not None:
+        # Last: the memory its workload and indexes used is not handed to another section.
+        out["core"][settings.index_large] = index.measure_core(settings.index_large, 1)
+        _log(f"index: {settings.index_large} sequences done")
     return out
 
 

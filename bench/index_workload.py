@@ -102,8 +102,8 @@ def build(sequences: int, seed: int = 0, dynamo_hash=None, workers: int = WORKER
     queries = []
     for q in range(1000):
         if q % 2 == 0:
-            prefix, own = chosen[rng.randrange(sequences)]
-            queries.append(prefixes[prefix] + own.tolist())
+            prefix, packed = chosen[rng.randrange(sequences)]
+            queries.append(prefixes[prefix] + packed.tolist())
         else:
             queries.append(prefixes[rng.randrange(PREFIXES)] + tokens(SEQ_TOKENS - PREFIX_TOKENS))
     return Workload(payloads, dynamo_events, entries, queries, full)

@@ -263,6 +263,7 @@ def render_all(model: Model | None = None) -> dict[Path, str]:
     package("aio.py", asyncapi_src)
     package("index.py", None)
     package("mock.py", None, dialects=model.dialects)
+    package("fleet.py", None, dialects=model.dialects)
     package("__init__.py", events_src, events=model.events, dialects=model.dialects)
     package("__main__.py", None)
 

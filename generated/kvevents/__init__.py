@@ -67,7 +67,7 @@ _LAZY = {
     "check_endpoint": "kvevents_runtime.endpoints",
 }
 _SUBMODULES = frozenset(
-    {"vllm", "sglang", "legacy", "aio", "index", "mock", "frames", "loops", "wire"}
+    {"vllm", "sglang", "legacy", "aio", "index", "mock", "fleet", "frames", "loops", "wire"}
 )
 
 

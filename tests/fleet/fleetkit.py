@@ -3,13 +3,12 @@ bounded, and each names what it waited for)."""
 
 from __future__ import annotations
 
-import asyncio
 import random
-import time
 from typing import Any
 
 from kvevents.fleet import Bridge, EngineSpec, FleetIndex
 from kvevents.mock import MockEngine
+from kvevents_apps import fleetdemo
 
 BLOCK = 4
 
@@ -63,41 +62,13 @@ class Fleet:
             engine.close()
 
 
-async def wait_for(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"waited {timeout} s for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def settle(fleet: Fleet, bridges: list[Bridge], timeout: float = 30.0) -> None:
-    """Every engine's batches taken by its bridge and published."""
-
-    def bridge_of(key: tuple[int, int]) -> Bridge:
-        return next(b for b in bridges if key in b.worker_keys())
-
-    for i, engine in enumerate(fleet.engines):
-        key = fleet.key(i)
-        await wait_for(
-            lambda e=engine: e.publisher.flushed_next_seq() is not None,
-            timeout,
-            f"engine {key} to flush",
-        )
-        want = ("i" + engine.publisher.instance.hex(), engine.publisher.flushed_next_seq() - 1)
-        bridge = bridge_of(key)
-
-        def taken(b: Bridge = bridge, k: tuple[int, int] = key, w: tuple[str, int] = want) -> bool:
-            epoch, seq = b.position(k)
-            if w[1] < 0 and epoch is None:
-                return True  # this instance published nothing, and no earlier one did
-            # An instance that published nothing is seen by the bridge's info probe (a
-            # reset): epoch turns to it within a probe's interval.
-            return epoch == w[0] and seq >= w[1]
-
-        await wait_for(taken, timeout, f"bridge to take {key} up to {want}")
+    """Every engine's batches taken by its bridge and published (the demo's own wait)."""
     for bridge in bridges:
-        await wait_for(bridge.drained, timeout, "bridge to publish its queue")
+        mine = [i for i in range(len(fleet.engines)) if fleet.key(i) in bridge.worker_keys()]
+        await fleetdemo.settle(
+            [fleet.engines[i] for i in mine], [fleet.key(i) for i in mine], bridge, timeout
+        )
 
 
 def mismatches(fleet: Fleet, index: FleetIndex) -> list[str]:

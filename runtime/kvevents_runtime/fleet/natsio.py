@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
+
+from ..ratelimit import RateLimitedLog
 
 logger = logging.getLogger("kvevents.fleet")
 
@@ -23,14 +26,24 @@ def _nats() -> Any:
     return nats
 
 
-async def connect_jetstream(servers: str | list[str], **options: Any) -> tuple[Any, Any]:
-    """`(connection, jetstream context)`. Reconnects forever by default (a bridge and a
-    replica outlive a NATS restart); TLS and credentials pass through `options` as nats-py
-    names them (`tls`, `user`, `password`, `token`, `nkeys_seed`, `user_credentials`)."""
+CONNECT_TIMEOUT = 15.0
+"""Seconds the first connection may take; after it, reconnection goes on forever."""
+
+
+async def connect_jetstream(
+    servers: str | list[str], connect_timeout: float = CONNECT_TIMEOUT, **options: Any
+) -> tuple[Any, Any]:
+    """`(connection, jetstream context)`. Once connected it reconnects forever (a bridge
+    and a replica outlive a NATS restart); the first connection fails with ConnectionError
+    after `connect_timeout`. TLS and credentials pass through `options` as nats-py names
+    them (`tls`, `user`, `password`, `token`, `nkeys_seed`, `user_credentials`)."""
     nats = _nats()
+    errors = RateLimitedLog(logger, interval=5.0)
+    last_error: list[Exception] = []
 
     async def error_cb(exc: Exception) -> None:
-        logger.warning("kvevents: NATS: %r", exc)
+        last_error[:] = [exc]
+        errors.warning("kvevents: NATS: %r", exc)
 
     async def disconnected_cb() -> None:
         if nc is not None and not nc.is_closed and not nc.is_draining:
@@ -49,7 +62,11 @@ async def connect_jetstream(servers: str | list[str], **options: Any) -> tuple[A
         **options,
     }
     nc: Any = None
-    nc = await nats.connect(servers, **settings)
+    try:
+        nc = await asyncio.wait_for(nats.connect(servers, **settings), connect_timeout)
+    except asyncio.TimeoutError:
+        cause = f": {last_error[0]!r}" if last_error else ""
+        raise ConnectionError(f"cannot reach NATS at {servers} within {connect_timeout:g} s{cause}") from None
     version = tuple(int(part) for part in (nc._server_info.get("version", "0.0").split(".")[:2]))
     if version < MIN_SERVER:
         await nc.close()

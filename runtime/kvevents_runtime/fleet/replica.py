@@ -23,6 +23,7 @@ from typing import Any
 
 from ..backend import IndexBackend, Worker
 from ..errors import DecodeError
+from ..liveindex import WorkerState
 from ..prefix import Match, PrefixIndex
 from ..ratelimit import RateLimitedLog
 from . import protocol
@@ -293,6 +294,35 @@ class FleetIndex:
     def all_counters(self) -> dict[str, int]:
         return {**self.backend.counters, **self.tracker.counters, **self.counters}
 
+    @property
+    def endpoints(self) -> dict[Worker, tuple[str, str | None]]:
+        """worker -> (its subject, None): where this replica reads it."""
+        return {
+            worker: (protocol.subject(self.model, *worker, self.root), None)
+            for worker in self.backend.workers
+        }
+
+    def state(self, worker: Worker) -> WorkerState | None:
+        """As `LiveIndex.state`: "stale" or "active", and where its stream is."""
+        track = self.tracker.tracks.get(worker)
+        if track is None:
+            return None
+        reason = self.backend.stale.get(worker)
+        return WorkerState(
+            status="stale" if reason is not None else "active",
+            silent_for=None,
+            syncing=False,
+            expected=track.expected,
+            complete=track.whole,
+            instance=None,
+            snapshots=True,
+            stale_reason=reason,
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
     def progress(self) -> dict[str, Any]:
         """Where the replica is, for /health and tests."""
         return {
@@ -303,4 +333,5 @@ class FleetIndex:
             "snapshots_at_start": self.snapshots_at_start,
             "workers": len(self.backend.workers),
             "stale": len(self.backend.stale),
+            "connected": self.connected,
         }

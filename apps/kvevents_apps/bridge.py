@@ -87,9 +87,15 @@ async def run(
     max_age: float,
     quiet: bool,
     duration: float | None = None,
+    nats_options: dict[str, Any] | None = None,
 ) -> int:
     bridge = Bridge(
-        servers, engines, stream=stream, snapshot_interval=snapshot_interval, max_age=max_age
+        servers,
+        engines,
+        stream=stream,
+        snapshot_interval=snapshot_interval,
+        max_age=max_age,
+        nats_options=nats_options,
     )
     await bridge.start()
     print(

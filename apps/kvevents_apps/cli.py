@@ -204,7 +204,11 @@ def index(args: argparse.Namespace) -> int:
         if not args.source.startswith(("nats://", "tls://")):
             return _fail("index", f"--source {args.source}: give nats://HOST:PORT (or tls://)")
         models = tuple(m for m in (args.models or args.model_name).split(",") if m)
-        fleet = FleetSource(args.source, models, stream=args.stream)
+        try:
+            options = _nats_options(args)
+        except ValueError as exc:
+            return _fail("index", str(exc))
+        fleet = FleetSource(args.source, models, stream=args.stream, nats_options=options)
     return serve(
         host=args.host,
         port=args.port,
@@ -215,6 +219,37 @@ def index(args: argparse.Namespace) -> int:
         replay=replay,
         fleet=fleet,
     )
+
+
+def _nats_options(args: argparse.Namespace) -> dict[str, Any]:
+    """nats-py connect options from --nats-creds / --nats-ca / --nats-cert / --nats-key
+    (user and password or a token go in the URL: nats://user:pass@host:4222)."""
+    options: dict[str, Any] = {}
+    for name in ("nats_creds", "nats_ca", "nats_cert", "nats_key"):
+        path = getattr(args, name, None)
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+    if args.nats_creds:
+        options["user_credentials"] = args.nats_creds
+    if args.nats_ca or args.nats_cert:
+        import ssl
+
+        context = ssl.create_default_context(cafile=args.nats_ca)
+        if args.nats_cert:
+            context.load_cert_chain(args.nats_cert, args.nats_key)
+        options["tls"] = context
+    return options
+
+
+def _add_nats_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nats-creds", metavar="FILE", help="NATS credentials file (JWT + nkey)")
+    parser.add_argument(
+        "--nats-ca", metavar="FILE", help="CA bundle that signs the NATS server's TLS certificate"
+    )
+    parser.add_argument(
+        "--nats-cert", metavar="FILE", help="client TLS certificate (with --nats-key)"
+    )
+    parser.add_argument("--nats-key", metavar="FILE", help="its private key")
 
 
 def bridge(args: argparse.Namespace) -> int:
@@ -243,6 +278,7 @@ def bridge(args: argparse.Namespace) -> int:
                 args.max_age,
                 args.quiet,
                 args.duration,
+                _nats_options(args),
             )
         )
     except (ValueError, ImportError, ConnectionError, RuntimeError) as exc:
@@ -497,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="KVEVENTS",
         help="with --source: the JetStream stream (default KVEVENTS)",
     )
+    _add_nats_options(p_index)
     p_index.set_defaults(func=index)
     p_bridge = commands.add_parser(
         "bridge",
@@ -543,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=_number(float, 0), help="stop after this many seconds (default: never)"
     )
     p_bridge.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_nats_options(p_bridge)
     p_bridge.set_defaults(func=bridge)
     p_sim = commands.add_parser(
         "simulate",

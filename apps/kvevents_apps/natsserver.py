@@ -34,12 +34,20 @@ class NatsServer:
     """One nats-server process on 127.0.0.1 with JetStream storing under `store_dir`. It
     keeps its port across `restart()` (the store survives: what a real restart does)."""
 
-    def __init__(self, store_dir: str | Path, port: int | None = None, binary: str | None = None):
+    def __init__(
+        self,
+        store_dir: str | Path,
+        port: int | None = None,
+        binary: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
         self.store_dir = Path(store_dir)
         self.port = port if port is not None else stable_port()
         self.binary = binary or find_binary()
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.store_dir / "nats-server.log"
+        self.extra_args = extra_args
+        """More nats-server options (e.g. `--user`, `--pass`)."""
 
     @property
     def url(self) -> str:
@@ -61,6 +69,7 @@ class NatsServer:
                     "-js",
                     "-sd",
                     str(self.store_dir / "jetstream"),
+                    *self.extra_args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -237,7 +237,7 @@ def test_version_and_help_explain_every_command_and_option():
     top = subprocess.run([*KVEVENTS, "--help"], capture_output=True, text=True, timeout=60)
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(commands.choices) == {"tap", "demo", "index", "simulate"}
+    assert set(commands.choices) == {"tap", "demo", "index", "bridge", "simulate"}
     for name, sub in commands.choices.items():
         assert re.search(rf"^    {name} +\S", top.stdout, re.MULTILINE), f"{name} not explained"
         assert sub.description, f"kvevents {name} --help has no description"

@@ -86,8 +86,9 @@ def test_the_apps_use_only_the_public_kvevents_api() -> None:
     assert offenders == []
 
 
-PUBLIC_FACES = {*kvevents.DIALECTS, "aio", "index", "mock"}
-"""The public submodules: the dialects, the asyncio subscriber, the index and the mock engine."""
+PUBLIC_FACES = {*kvevents.DIALECTS, "aio", "index", "mock", "fleet"}
+"""The public submodules: the dialects, the asyncio subscriber, the index, the mock engine and
+the fleet."""
 
 
 def test_import_kvevents_and_decode_load_neither_zmq_nor_pydantic_nor_a_publisher() -> None:

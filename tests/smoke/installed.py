@@ -67,7 +67,7 @@ def schema_path_finds_the_schema_documents_in_the_wheel() -> None:
 def python_dash_m_kvevents_help_lists_every_command() -> None:
     result = command(sys.executable, "-m", "kvevents", "--help")
     assert result.returncode == 0, result.stderr
-    for name in ("tap", "demo", "index", "simulate"):
+    for name in ("tap", "demo", "index", "bridge", "simulate"):
         assert re.search(rf"^    {name} ", result.stdout, re.MULTILINE), name
 
 
@@ -116,6 +116,13 @@ def kvevents_index_answers_health() -> None:
         server.wait(30)
 
 
+def the_fleet_demo_runs_on_its_own_nats_server() -> None:
+    """`kvevents demo --fleet` after installing the fleet extra: nothing else to set up."""
+    result = command(kvevents_script(), "demo", "--fleet", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.rstrip().endswith("fleet demo: ok"), result.stderr
+
+
 CHECKS = [
     every_module_imports_from_the_installed_wheel,
     schema_path_finds_the_schema_documents_in_the_wheel,
@@ -123,6 +130,7 @@ CHECKS = [
     kvevents_version_names_the_installed_version,
     a_short_demo_repairs_a_gap_and_a_restart,
     kvevents_index_answers_health,
+    the_fleet_demo_runs_on_its_own_nats_server,
 ]
 
 

@@ -38,6 +38,8 @@ async def connect_jetstream(
     after `connect_timeout`. TLS and credentials pass through `options` as nats-py names
     them (`tls`, `user`, `password`, `token`, `nkeys_seed`, `user_credentials`)."""
     nats = _nats()
+    if isinstance(servers, str):
+        servers = [url.strip() for url in servers.split(",") if url.strip()]
     errors = RateLimitedLog(logger, interval=5.0)
     last_error: list[Exception] = []
 
@@ -64,9 +66,11 @@ async def connect_jetstream(
     nc: Any = None
     try:
         nc = await asyncio.wait_for(nats.connect(servers, **settings), connect_timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         cause = f": {last_error[0]!r}" if last_error else ""
-        raise ConnectionError(f"cannot reach NATS at {servers} within {connect_timeout:g} s{cause}") from None
+        raise ConnectionError(
+            f"cannot reach NATS at {servers} within {connect_timeout:g} s{cause}"
+        ) from None
     version = tuple(int(part) for part in (nc._server_info.get("version", "0.0").split(".")[:2]))
     if version < MIN_SERVER:
         await nc.close()

@@ -88,6 +88,7 @@ async def run(
     quiet: bool,
     duration: float | None = None,
     nats_options: dict[str, Any] | None = None,
+    redact: bool = False,
 ) -> int:
     bridge = Bridge(
         servers,
@@ -96,6 +97,7 @@ async def run(
         snapshot_interval=snapshot_interval,
         max_age=max_age,
         nats_options=nats_options,
+        redact=redact,
     )
     await bridge.start()
     print(

@@ -279,6 +279,7 @@ def bridge(args: argparse.Namespace) -> int:
                 args.quiet,
                 args.duration,
                 _nats_options(args),
+                args.redact,
             )
         )
     except (ValueError, ImportError, ConnectionError, RuntimeError) as exc:
@@ -578,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_bridge.add_argument(
         "--duration", type=_number(float, 0), help="stop after this many seconds (default: never)"
+    )
+    p_bridge.add_argument(
+        "--redact",
+        action="store_true",
+        help="publish Dynamo local block hashes in place of token ids: prompts never leave "
+        "the node (replicas need nothing else)",
     )
     p_bridge.add_argument("--quiet", action="store_true", help="no progress lines")
     _add_nats_options(p_bridge)

@@ -15,6 +15,8 @@ than to be convenient:
   not hold marks it stale.
 - AllBlocksCleared clears that worker (that `(worker_id, dp_rank)` only).
 - Blocks smaller than the index's block size (partial blocks) are counted and ignored.
+- A BlockStored may carry its blocks' local hashes (`local_hashes`, a bridge's redacted
+  batches) instead of token ids; they are used as given.
 - Tiers (`medium`): GPU (or none), CPU, disk, external, kept per (worker, block).
 - A worker holds a block under one engine id: storing the same token path under another id
   renames it (the old id is forgotten); storing an id again elsewhere moves it.
@@ -257,13 +259,15 @@ class PrefixIndex:
                 self.mark_stale(worker, "a stored block's parent is unknown")
                 return
             parent_chain = found
-        try:
-            keys = local_block_hashes(
-                event.token_ids, size, event.lora_name, getattr(event, "cache_salt", None)
-            )
-        except (OverflowError, TypeError):
-            counters["bad_events"] += 1  # token pairs or ids beyond u32: not hashable here
-            return
+        keys = getattr(event, "local_hashes", None)
+        if keys is None:
+            try:
+                keys = local_block_hashes(
+                    event.token_ids, size, event.lora_name, getattr(event, "cache_salt", None)
+                )
+            except (OverflowError, TypeError):
+                counters["bad_events"] += 1  # token pairs or ids beyond u32: not hashable here
+                return
         if len(keys) < len(hashes):
             counters["bad_events"] += 1
             self.mark_stale(worker, "a stored event has fewer tokens than blocks")

@@ -36,6 +36,10 @@ from ..ratelimit import RateLimitedLog
 from ..subscriber import Notice
 from . import protocol
 from .natsio import connect_jetstream, ensure_bucket, ensure_stream
+from .redact import redact
+
+REDACTED = "redacted"
+"""The dialect header of a redacted payload."""
 
 logger = logging.getLogger("kvevents.bridge")
 
@@ -98,6 +102,7 @@ class Bridge:
         max_queue_bytes: int = 256 * 1024 * 1024,
         in_flight: int = 64,
         publish_timeout: float = 5.0,
+        redact: bool = False,
         nats_options: Mapping[str, Any] | None = None,
         **subscriber_options: Any,
     ) -> None:
@@ -120,6 +125,9 @@ class Bridge:
         self.max_queue_bytes = max_queue_bytes
         self.in_flight = in_flight
         self.publish_timeout = publish_timeout
+        self.redact = redact
+        """Publish local block hashes in place of token ids (fleet/redact.py): prompts never
+        leave the node."""
         self._nats_options = dict(nats_options or {})
         self._engines = engines
         self._subscriber_options = {"idle_probe": 1.0, "stale_after": 10.0, **subscriber_options}
@@ -312,8 +320,12 @@ class Bridge:
             )
         worker.blocks.apply(delivery.batch)
         worker.last_seq = seq
-        headers = protocol.batch_headers(*key, epoch, seq, spec.dialect)
-        self._enqueue((protocol.BATCH, key, headers, delivery.payload, None))
+        if self.redact:
+            headers = protocol.batch_headers(*key, epoch, seq, REDACTED)
+            self._enqueue((protocol.BATCH, key, headers, redact(delivery.batch), None))
+        else:
+            headers = protocol.batch_headers(*key, epoch, seq, spec.dialect)
+            self._enqueue((protocol.BATCH, key, headers, delivery.payload, None))
 
     # -- the queue ----------------------------------------------------------------------
 
@@ -485,12 +497,13 @@ class Bridge:
         epoch, seq, whole, reason, frozen = state
         spec = worker.spec
         shape = self.shapes[spec.dialect]
-        payloads = [self.encode(shape.make_batch(events, spec.dp_rank)) for events in frozen]
+        pack = redact if self.redact else self.encode
+        payloads = [pack(shape.make_batch(events, spec.dp_rank)) for events in frozen]
         record = protocol.SnapshotRecord(
             model=spec.model,
             worker_id=spec.worker_id,
             dp_rank=spec.dp_rank,
-            dialect=spec.dialect,
+            dialect=REDACTED if self.redact else spec.dialect,
             epoch=epoch,
             seq=seq,
             covers=self.last_stream_seq,

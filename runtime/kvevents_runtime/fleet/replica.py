@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
+import msgspec
+
 from ..backend import IndexBackend, Worker
 from ..errors import DecodeError
 from ..liveindex import WorkerState
@@ -28,6 +30,7 @@ from ..prefix import Match, PrefixIndex
 from ..ratelimit import RateLimitedLog
 from . import protocol
 from .natsio import connect_jetstream
+from .redact import is_redacted, unredact
 from .tracker import Action, Apply, Clear, Fetch, MarkStale, Resync, Tracker
 
 logger = logging.getLogger("kvevents.replica")
@@ -222,9 +225,15 @@ class FleetIndex:
             return
         self._execute(self.tracker.snapshot(worker, record))
 
+    def _decode_any(self, payload: bytes) -> Any:
+        """An engine's batch, or a redacted one (bridge `--redact`)."""
+        if is_redacted(payload):
+            return unredact(payload)
+        return self.decode(payload)
+
     def _execute(self, actions: list[Action]) -> None:
         backend = self.backend
-        decode = self.decode
+        decode = self._decode_any
         for action in actions:
             try:
                 if isinstance(action, Apply):
@@ -235,7 +244,7 @@ class FleetIndex:
                     backend.clear_worker(action.worker)
                 elif isinstance(action, MarkStale):
                     backend.mark_stale(action.worker, action.reason)
-            except DecodeError as exc:
+            except (DecodeError, msgspec.DecodeError) as exc:
                 self.counters["decode_errors"] += 1
                 backend.mark_stale(action.worker, f"a payload that is not a batch: {exc}")
 

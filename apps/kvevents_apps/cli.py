@@ -309,6 +309,7 @@ def simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         check_every=args.check_every,
         faults=args.faults,
+        fleet=args.fleet,
         progress=not args.json,
     )
     if args.trace:
@@ -643,6 +644,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="inject a subscriber stall (PUB drops, history lost), a subscriber restart, "
         "an engine restart and an AllBlocksCleared",
+    )
+    p_sim.add_argument(
+        "--fleet",
+        action="store_true",
+        help="through NATS JetStream: a local nats-server, a bridge over every engine and a "
+        "replica as the router's index (needs kvevents[fleet]); with --faults the subscriber "
+        "restart restarts the replica",
     )
     p_sim.add_argument("--json", action="store_true", help="print the results as JSON")
     p_sim.add_argument(

@@ -46,13 +46,13 @@ async def settle(
             return p.flushed_next_seq() is not None
 
         await wait_for(flushed, timeout, f"{key} to flush")
-        epoch, last = "i" + publisher.instance.hex(), publisher.flushed_next_seq() - 1
+        instance, last = publisher.instance, publisher.flushed_next_seq() - 1
 
-        def taken(k: tuple[int, int] = key, e: str = epoch, s: int = last) -> bool:
-            now_epoch, now_seq = bridge.position(k)
-            if s < 0 and now_epoch is None:
+        def taken(k: tuple[int, int] = key, i: bytes = instance, s: int = last) -> bool:
+            now_instance, now_seq = bridge.taken(k)
+            if s < 0 and bridge.position(k)[0] is None:
                 return True  # nothing published yet, by this instance or any before it
-            return now_epoch == e and now_seq >= s
+            return now_instance == i and now_seq >= s
 
         await wait_for(taken, timeout, f"the bridge to take {key} up to seq {last}")
     await wait_for(bridge.drained, timeout, "the bridge to publish its queue")

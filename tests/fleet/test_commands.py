@@ -159,3 +159,24 @@ def test_fleet_demo_command() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replica C started from NATS alone" in result.stderr
     assert result.stderr.rstrip().endswith("fleet demo: ok")
+
+
+def test_simulate_through_the_fleet_with_faults_ends_equal(tmp_path: Path) -> None:
+    """`kvevents simulate --fleet --faults`: every fault (a stall, a replica restarted from
+    NATS alone, an engine restart, an AllBlocksCleared) injected between the engines and a
+    replica behind a bridge; every worker's blocks in the replica equal its engine's cache."""
+    argv = ["simulate", "--fleet", "--faults", "--limit", "400", "--workers", "3"]
+    result = subprocess.run(
+        [sys.executable, "-m", "kvevents", *argv, "--policy", "kv", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = json.loads(result.stdout)
+    assert run["requests"] == 400
+    assert run["caught_up"], run["behind"]
+    assert run["mismatches"] == 0 and run["stale_workers"] == [], run["mismatches_per_worker"]
+    assert len(run["faults"]) == 4, run["faults"]
+    assert list(tmp_path.iterdir()) == [], "simulate left a file behind"

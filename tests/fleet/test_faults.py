@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvevents.fleet import Bridge, FleetIndex
+from kvevents_apps.natsserver import NatsServer
 
 from .fleetkit import Fleet, mismatches, settle
 
@@ -34,9 +36,9 @@ OPS = st.one_of(
 
 
 class Harness:
-    def __init__(self, server: Any, seed: int) -> None:
+    def __init__(self, server: Any, seed: int, capacity: int = 64) -> None:
         self.server = server
-        self.fleet = Fleet(3, seed=seed)
+        self.fleet = Fleet(3, seed=seed, capacity=capacity)
         self.bridge: Bridge | None = None
         self.task: asyncio.Task[None] | None = None
         self.replicas: list[FleetIndex] = []
@@ -187,3 +189,36 @@ def test_a_full_queue_drops_and_resynchronises_by_snapshot(nats_server) -> None:
     """NATS down, the engines go on: the bridge never blocks them; its queue overflows, the
     messages are dropped (counted), and one snapshot per worker makes the replicas whole."""
     asyncio.run(_overflow(nats_server))
+
+
+async def _oversize(server: Any) -> None:
+    harness = Harness(server, 5, capacity=2048)
+    await harness.start_bridge()
+    harness.replicas = [await harness.replica()]
+    try:
+        harness.fleet.step(3)
+        engine = harness.fleet.engines[0]
+        prompt = [n % 50_000 for n in range(4 * 1200)]  # 1,200 blocks: a batch far over 4 KiB
+        assert engine.admit(prompt) is not None
+        engine.step()
+        harness.fleet.step(2)
+        await harness.check(harness.replicas)
+        assert harness.bridge is not None and harness.bridge.counters["oversize"] >= 1
+        assert harness.replicas[0].tracker.counters["lost_markers"] >= 1
+    finally:
+        for replica in harness.replicas:
+            await replica.close()
+        await harness.stop_bridge()
+        harness.fleet.close()
+
+
+def test_a_batch_over_the_servers_max_payload_is_named_lost_and_resynchronised(
+    tmp_path: Path,
+) -> None:
+    """A long prompt's batch can exceed what the server stores in one message: the bridge
+    names its seq lost and writes the worker's snapshot (chunked) in its place; it never
+    retries it for ever."""
+    config = tmp_path / "small.conf"
+    config.write_text("max_payload: 4096\n")
+    with NatsServer(tmp_path / "nats", extra_args=("-c", str(config))) as server:
+        asyncio.run(_oversize(server))

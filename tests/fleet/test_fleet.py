@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import nats
 import pytest
 
 from kvevents.fleet import Bridge, FleetIndex, protocol
@@ -78,3 +79,37 @@ async def _run(nats_url: str, redact: bool) -> None:
 @pytest.mark.parametrize("redact", [False, True], ids=["token_ids", "redacted"])
 def test_replicas_equal_the_engines(nats_server, redact: bool) -> None:
     asyncio.run(_run(nats_server.url, redact))
+
+
+async def _missing_snapshot(nats_url: str) -> None:
+    fleet = Fleet(2, seed=2)
+    bridge = Bridge(nats_url, fleet.specs(), snapshot_interval=3600)
+    await bridge.start()
+    running = asyncio.create_task(bridge.run())
+    nc = await nats.connect(nats_url)
+    try:
+        fleet.step(8)
+        await settle(fleet, [bridge])
+        bridge.snapshot_all()
+        await settle(fleet, [bridge])
+        # Worker 2's snapshot is gone (not written yet, or unreadable), worker 1's covers every
+        # message of worker 2: a replica starting after worker 1's cover would miss them.
+        objects = await nc.jetstream().object_store(protocol.bucket_name(protocol.STREAM))
+        await objects.delete(protocol.snapshot_object("m", *fleet.key(1)))
+        late = FleetIndex(nats_url, model="m", block_size=4)
+        await late.start()
+        try:
+            await late.sync()
+            assert late.snapshots_at_start == 1
+            assert mismatches(fleet, late) == []
+        finally:
+            await late.close()
+    finally:
+        await nc.close()
+        await bridge.close()
+        running.cancel()
+        fleet.close()
+
+
+def test_a_worker_without_a_snapshot_is_read_from_its_first_message(nats_server) -> None:
+    asyncio.run(_missing_snapshot(nats_server.url))

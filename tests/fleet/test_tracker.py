@@ -6,7 +6,8 @@ twice (late duplicates), batches never published (with or without a `lost` marke
 with or without their `reset` marker, snapshots (whole or not) announced by markers, and a
 replica that bootstraps at any point from the snapshot object of that moment. Applying the
 tracker's answers to a plain list must keep the invariant it states: a worker not stale holds
-exactly its epoch's batches 0..expected-1, in order, each once.
+exactly its epoch's batches 0..expected-1, in order, each once. Where a replica starts reading
+among many workers' messages is checked on its own (`start_sequence`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from hypothesis import strategies as st
 
 from kvevents_runtime.fleet import protocol
 from kvevents_runtime.fleet.protocol import SnapshotRecord
-from kvevents_runtime.fleet.tracker import Apply, Clear, Fetch, MarkStale, Resync, Tracker
+from kvevents_runtime.fleet.tracker import (
+    Apply,
+    Clear,
+    Fetch,
+    MarkStale,
+    Resync,
+    Tracker,
+    start_sequence,
+)
 
 WORKER = (1, 0)
 OPS = st.lists(
@@ -208,3 +217,22 @@ def test_a_gap_marks_stale_and_a_whole_snapshot_heals() -> None:
     world.apply("snap")
     replica.read(len(world.stream) - 1)
     assert not replica.stale and replica.state == [ident("e0", s) for s in range(3)]
+
+
+@given(
+    stream=st.lists(st.integers(0, 4), max_size=60),
+    snapshots=st.dictionaries(st.integers(0, 5), st.floats(0, 1)),
+)
+def test_a_replica_starts_where_no_message_a_snapshot_misses_is_skipped(
+    stream: list[int], snapshots: dict[int, float]
+) -> None:
+    """`stream`: the worker of each message (stream sequences from 1). `snapshots`: the
+    workers whose snapshot the replica loaded, each covering the stream up to a point (a
+    worker may have a snapshot and no messages left). Every message a loaded snapshot does
+    not cover is at or after the start."""
+    covers = {(w, 0): int(f * len(stream)) for w, f in snapshots.items()}
+    in_stream = {(w, 0) for w in stream}
+    start = start_sequence(covers, in_stream) or 1
+    for seq, worker in enumerate(stream, start=1):
+        if seq > covers.get((worker, 0), 0):
+            assert seq >= start, f"message {seq} of worker {worker} skipped (start {start})"

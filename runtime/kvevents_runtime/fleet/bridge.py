@@ -38,6 +38,10 @@ from . import protocol
 from .natsio import connect_jetstream, ensure_bucket, ensure_stream
 from .redact import redact
 
+SNAPSHOT_WRITE_TIMEOUT = 30.0
+"""Seconds a snapshot may keep failing to be written before it is given up for this round."""
+HEADER_ROOM = 1024
+"""Bytes kept for a message's subject and headers under the server's max_payload."""
 REDACTED = "redacted"
 """The dialect header of a redacted payload."""
 
@@ -66,6 +70,9 @@ class _Worker:
     epoch: str | None = None
     """The epoch token of the stream published now (None before the first delivery)."""
     subscriber_epoch: int = -1
+    instance: bytes | None = None
+    """The publisher instance of this epoch, once the subscriber has learnt it (an epoch's
+    first batch at seq 0 is delivered before the publisher says who it is)."""
     last_seq: int = -1
     whole: bool = False
     reason: str | None = None
@@ -162,7 +169,10 @@ class Bridge:
             "snapshots_written": 0,
             "snapshot_bytes": 0,
             "snapshot_errors": 0,
+            "oversize": 0,
         }
+        self._max_payload = 1 << 20
+        """The server's max_payload (read at connect): a larger message can never be stored."""
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -170,6 +180,7 @@ class Bridge:
         """Connect to NATS (creating the stream and the snapshot bucket if missing) and to
         every engine."""
         self._nc, self._js = await connect_jetstream(self.servers, **self._nats_options)
+        self._max_payload = int(self._nc.max_payload)
         await ensure_stream(self._js, self.stream, self.root, self.max_age)
         self._objects = await ensure_bucket(self._js, self.bucket)
         self._sub = self.subscriber_class(sources=[], **self._subscriber_options)
@@ -264,12 +275,20 @@ class Bridge:
             # Read after a later restart in the same poll: the instance id is the newer one's.
             token = f"{token}-{subscriber_epoch}"
         worker.epoch = token
+        worker.instance = None
+        self._learn_instance(key, worker, subscriber_epoch)
         worker.blocks = BlockSet(self.shapes[worker.spec.dialect])
         worker.last_seq = -1
         worker.whole, worker.reason = True, None
         worker.changed = True
         self.counters["resets"] += 1
         self._enqueue((protocol.RESET, key, protocol.reset_headers(*key, worker.epoch), b"", None))
+
+    def _learn_instance(self, key: Worker, worker: _Worker, subscriber_epoch: int) -> None:
+        source = self._sources.get(key)
+        # The subscriber's instance is that of its newest epoch only.
+        if source is not None and source.sequencer.epoch == subscriber_epoch:
+            worker.instance = source.sequencer.instance
 
     def _epoch_token(self, key: Worker, subscriber_epoch: int) -> str:
         source = self._sources.get(key)
@@ -291,6 +310,8 @@ class Bridge:
             self._begin_epoch(key, worker, delivery.epoch)
         epoch = worker.epoch
         assert epoch is not None
+        if worker.instance is None:
+            self._learn_instance(key, worker, delivery.epoch)
         worker.changed = True
         if delivery.snapshot:
             # The engine's own snapshot: what was lost before it is covered by it.
@@ -322,10 +343,27 @@ class Bridge:
         worker.last_seq = seq
         if self.redact:
             headers = protocol.batch_headers(*key, epoch, seq, REDACTED)
-            self._enqueue((protocol.BATCH, key, headers, redact(delivery.batch), None))
+            payload = redact(delivery.batch)
         else:
             headers = protocol.batch_headers(*key, epoch, seq, spec.dialect)
-            self._enqueue((protocol.BATCH, key, headers, delivery.payload, None))
+            payload = delivery.payload
+        if len(payload) + HEADER_ROOM > self._max_payload:
+            self._oversize(key, epoch, seq, len(payload))
+            return
+        self._enqueue((protocol.BATCH, key, headers, payload, None))
+
+    def _oversize(self, key: Worker, epoch: str, seq: int, size: int) -> None:
+        """A batch larger than the server takes (a long prompt's tokens): it is named lost
+        and the worker's snapshot, which holds it, is written in its place (chunked in the
+        object store, which has no such limit)."""
+        self.counters["oversize"] += 1
+        reason = f"a batch of {size} bytes exceeds the server's max_payload ({self._max_payload})"
+        self._log.warning(
+            "kvevents bridge: worker %s seq %d: %s; resynchronised by snapshot", key, seq, reason
+        )
+        headers = protocol.lost_headers(*key, epoch, seq, seq, reason)
+        self._enqueue((protocol.LOST, key, headers, b"", None))
+        self._queue_snapshot(key, protocol.RESYNC)
 
     # -- the queue ----------------------------------------------------------------------
 
@@ -339,6 +377,14 @@ class Bridge:
         worker = self._workers[key]
         assert worker.epoch is not None
         worker.changed = False
+        if worker.snapshot_queued:
+            # The one waiting holds less than this one: at most one per worker is queued.
+            self._queue = deque(
+                item
+                for item in self._queue
+                if not (item[0] == protocol.SNAPSHOT and item[1] == key)
+            )
+            why = protocol.RESYNC
         worker.snapshot_queued = True
         state = (worker.epoch, worker.last_seq, worker.whole, worker.reason, worker.blocks.freeze())
         headers = {protocol.WHY: why}
@@ -390,6 +436,16 @@ class Bridge:
         and the epoch it is in (None before the first delivery)."""
         worker = self._workers[key]
         return worker.epoch, worker.last_seq
+
+    def taken(self, key: Worker) -> tuple[bytes | None, int]:
+        """`(instance, seq)`: the publisher instance of the epoch being followed (None while
+        unknown) and the newest seq of it taken into the queue; unlike the epoch token, the
+        instance can be compared with the engine's own."""
+        worker = self._workers[key]
+        if worker.instance is None and worker.epoch is not None:
+            # Learnt by an idle probe after the epoch's last delivery.
+            self._learn_instance(key, worker, worker.subscriber_epoch)
+        return worker.instance, worker.last_seq
 
     def drained(self) -> bool:
         """Nothing queued or being published."""
@@ -473,6 +529,14 @@ class Bridge:
                 raise
             except Exception as exc:
                 self.counters["publish_errors"] += 1
+                if type(exc).__name__ == "MaxPayloadError":
+                    # Never storable (the server's limit shrank under us): its worker is
+                    # resynchronised by a snapshot instead, and replicas see the gap.
+                    self.counters["oversize"] += 1
+                    self._log.warning("kvevents bridge: %s: over max_payload, dropped", headers)
+                    if not self._workers[key].snapshot_queued:
+                        self._queue_snapshot(key, protocol.RESYNC)
+                    return
                 self._log.warning("kvevents bridge: publish failed, retrying: %r", exc)
                 if self._closed and pause >= 1.0:
                     return  # closing: what is left is given up (replicas see the gap)
@@ -514,20 +578,30 @@ class Bridge:
         )
         data = protocol.encode_snapshot(record)
         name = protocol.snapshot_object(spec.model, spec.worker_id, spec.dp_rank)
+        from nats.js.api import ObjectMeta, ObjectMetaOptions
+
+        # Chunks under the server's max_payload (128 KiB, nats-py's default, when it allows).
+        chunk = max(1024, min(128 * 1024, self._max_payload - HEADER_ROOM))
+        meta = ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=chunk))
         pause = 0.05
+        give_up = time.monotonic() + SNAPSHOT_WRITE_TIMEOUT
         while True:
             try:
-                await self._objects.put(name, data)
+                await self._objects.put(name, data, meta=meta)
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.counters["snapshot_errors"] += 1
+                if self._closed or time.monotonic() >= give_up:
+                    # The queue behind it must move on; the next periodic round tries again,
+                    # and replicas waiting for it stay stale meanwhile.
+                    logger.error("kvevents bridge: snapshot of %s not written: %r", key, exc)
+                    worker.changed = True
+                    return
                 self._log.warning(
                     "kvevents bridge: snapshot of %s not written, retrying: %r", key, exc
                 )
-                if self._closed:
-                    return
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 2.0)
         self.counters["snapshots_written"] += 1

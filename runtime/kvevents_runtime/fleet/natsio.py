@@ -129,3 +129,60 @@ async def ensure_bucket(js: Any, bucket: str) -> Any:
         )
     except nats.js.errors.BadRequestError:
         return await js.object_store(bucket)
+
+
+class ObjectReadError(Exception):
+    """An object-store object that could not be read whole (gone, corrupt, or not delivered
+    in time)."""
+
+
+async def read_object(objects: Any, js: Any, bucket: str, name: str, timeout: float) -> bytes:
+    """One object-store object's bytes, or ObjectReadError within `timeout` seconds.
+
+    nats-py's `ObjectStore.get` reads the chunks with no deadline: a server restart in the
+    middle leaves it waiting forever (and a replica's reader with it). This reads the same
+    chunks through its own ordered consumer, bounded, and always unsubscribes it."""
+    import base64
+    import hashlib
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    info = await asyncio.wait_for(objects.get_info(name), timeout)
+    if info.size == 0:
+        return b""
+    digest = hashlib.sha256()
+    chunks: list[bytes] = []
+    sub = await js.subscribe(f"$O.{bucket}.C.{info.nuid}", ordered_consumer=True)
+    try:
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise ObjectReadError(f"{name}: not read whole within {timeout:g} s")
+            try:
+                msg = await sub.next_msg(timeout=remaining)
+            except TimeoutError:
+                raise ObjectReadError(f"{name}: not read whole within {timeout:g} s") from None
+            chunks.append(msg.data)
+            digest.update(msg.data)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # a connection being re-made: the server drops the consumer itself
+            pass
+    expected = (info.digest or "").split("=", 1)[-1]
+    if base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=") != expected.rstrip("="):
+        raise ObjectReadError(f"{name}: digest mismatch")
+    return b"".join(chunks)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A read worth trying again: a deadline or a connection being re-made, not an object
+    that is gone or a payload that is not a snapshot."""
+    if isinstance(exc, ObjectReadError | TimeoutError):
+        return True
+    _nats()
+    import nats.errors
+    import nats.js.errors
+
+    return isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.js.errors.NotFoundError)

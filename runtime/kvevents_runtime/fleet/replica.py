@@ -29,11 +29,17 @@ from ..liveindex import WorkerState
 from ..prefix import Match, PrefixIndex
 from ..ratelimit import RateLimitedLog
 from . import protocol
-from .natsio import connect_jetstream
+from .natsio import connect_jetstream, is_transient, read_object
 from .redact import is_redacted, unredact
-from .tracker import Action, Apply, Clear, Fetch, MarkStale, Resync, Tracker
+from .tracker import Action, Apply, Clear, Fetch, MarkStale, Resync, Tracker, start_sequence
 
 logger = logging.getLogger("kvevents.replica")
+
+
+SNAPSHOT_READ_ATTEMPT = 10.0
+"""Seconds one read of a snapshot object may take before it is tried again."""
+SNAPSHOT_READ_BUDGET = 30.0
+"""Seconds of attempts before a snapshot counts as unreadable (`fetch_errors`)."""
 
 
 class FleetIndex:
@@ -67,6 +73,7 @@ class FleetIndex:
         self._nc: Any = None
         self._js: Any = None
         self._sub: Any = None
+        self._objects: Any = None
         self._lock = asyncio.Lock()
         self.position = 0
         """The newest stream sequence read (and applied)."""
@@ -129,33 +136,64 @@ class FleetIndex:
         import nats
 
         try:
-            objects = await self._js.object_store(self.bucket)
+            objects = await self._object_store()
             infos = await objects.list(ignore_deletes=True)
         except nats.js.errors.NotFoundError:
             return None
         prefix = protocol.model_token(self.model) + "."
-        covers: list[int] = []
+        covers: dict[Worker, int] = {}
         for info in infos:
             if not info.name.startswith(prefix) or info.deleted:
                 continue
-            record = await self._read_snapshot(objects, info.name)
+            record = await self._read_snapshot(info.name)
             if record is None:
                 continue
             worker = (record.worker_id, record.dp_rank)
             self.backend.add_worker(worker)
             self._execute(self.tracker.snapshot(worker, record))
-            covers.append(record.covers)
+            covers[worker] = record.covers
             self.snapshots_at_start += 1
-        return min(covers) + 1 if covers else None
+        return start_sequence(covers, await self._workers_in_stream() if covers else set())
 
-    async def _read_snapshot(self, objects: Any, name: str) -> protocol.SnapshotRecord | None:
-        try:
-            result = await objects.get(name)
-            return protocol.decode_snapshot(result.data)
-        except Exception as exc:
-            self.counters["fetch_errors"] += 1
-            self._log.warning("kvevents replica: snapshot %s unreadable: %r", name, exc)
-            return None
+    async def _workers_in_stream(self) -> set[Worker]:
+        """The workers of the model with messages in the stream now."""
+        info = await self._js.stream_info(
+            self.stream, subjects_filter=protocol.model_filter(self.model, self.root)
+        )
+        workers: set[Worker] = set()
+        for subject in (info.state.subjects or {}).keys():
+            try:
+                _, worker_id, dp_rank = protocol.parse_subject(subject, self.root)
+            except ValueError:
+                continue
+            workers.add((worker_id, dp_rank))
+        return workers
+
+    async def _object_store(self) -> Any:
+        if self._objects is None:
+            self._objects = await self._js.object_store(self.bucket)
+        return self._objects
+
+    async def _read_snapshot(self, name: str) -> protocol.SnapshotRecord | None:
+        """The snapshot, or None (counted, logged) after `SNAPSHOT_READ_BUDGET` seconds of
+        attempts: a NATS restart in the middle of a read is tried again, not waited on
+        forever (the reader of the whole stream waits with it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SNAPSHOT_READ_BUDGET
+        while True:
+            try:
+                objects = await asyncio.wait_for(self._object_store(), SNAPSHOT_READ_ATTEMPT)
+                data = await read_object(
+                    objects, self._js, self.bucket, name, SNAPSHOT_READ_ATTEMPT
+                )
+                return protocol.decode_snapshot(data)
+            except Exception as exc:
+                if is_transient(exc) and loop.time() + SNAPSHOT_READ_ATTEMPT <= deadline:
+                    await asyncio.sleep(0.2)
+                    continue
+                self.counters["fetch_errors"] += 1
+                self._log.warning("kvevents replica: snapshot %s unreadable: %r", name, exc)
+                return None
 
     async def close(self) -> None:
         if self._closed:
@@ -182,14 +220,25 @@ class FleetIndex:
     # -- reading the stream -------------------------------------------------------------
 
     async def _on_message(self, msg: Any) -> None:
+        meta = msg.metadata
+        stream_seq = meta.sequence.stream
+        if stream_seq <= self.position:
+            self.counters["redelivered"] += 1  # the ordered consumer started again
+            return
         try:
-            meta = msg.metadata
-            stream_seq = meta.sequence.stream
-            if stream_seq <= self.position:
-                self.counters["redelivered"] += 1  # the ordered consumer started again
-                return
+            await self._place(msg, stream_seq)
+        finally:
+            # Only once its actions are done (a snapshot it asked for included): `sync()`
+            # returning means what was read is in the index.
             self.position = stream_seq
             self.lag = meta.num_pending
+            if meta.num_pending == 0 and not self.caught_up:
+                self.caught_up = True
+                if self.started_at is not None:
+                    self.caught_up_after = time.monotonic() - self.started_at
+
+    async def _place(self, msg: Any, stream_seq: int) -> None:
+        try:
             try:
                 _, worker_id, dp_rank = protocol.parse_subject(msg.subject, self.root)
             except ValueError:
@@ -204,10 +253,6 @@ class FleetIndex:
                     await self._fetch(action.worker)
                 else:
                     self._execute([action])
-            if meta.num_pending == 0 and not self.caught_up:
-                self.caught_up = True
-                if self.started_at is not None:
-                    self.caught_up_after = time.monotonic() - self.started_at
         except Exception:
             # A defect must not stop the consumer's callback task for good: it is logged and
             # counted, and the index is no longer trusted as a whole.
@@ -217,9 +262,8 @@ class FleetIndex:
                 self.backend.mark_stale(worker, "a stream message could not be applied")
 
     async def _fetch(self, worker: Worker) -> None:
-        objects = await self._js.object_store(self.bucket)
         name = protocol.snapshot_object(self.model, *worker)
-        record = await self._read_snapshot(objects, name)
+        record = await self._read_snapshot(name)
         if record is None:
             self.backend.mark_stale(worker, "its snapshot could not be read")
             return
@@ -247,6 +291,11 @@ class FleetIndex:
             except (DecodeError, msgspec.DecodeError) as exc:
                 self.counters["decode_errors"] += 1
                 backend.mark_stale(action.worker, f"a payload that is not a batch: {exc}")
+
+    async def step(self, timeout: float = 0.0) -> None:
+        """Give the event loop to the reader for `timeout` seconds (it reads on the loop, in
+        the consumer's callback; a caller that never awaits starves it)."""
+        await asyncio.sleep(timeout)
 
     async def sync(self, timeout: float = 30.0) -> None:
         """Wait until every message of this model the server holds now has been read;

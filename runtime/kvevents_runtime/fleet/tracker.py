@@ -237,3 +237,13 @@ class Tracker:
                 MarkStale(worker, f"its snapshot is not whole: {record.reason or 'unknown'}")
             )
         return actions
+
+
+def start_sequence(covers: dict[Worker, int], in_stream: set[Worker]) -> int | None:
+    """The stream sequence a replica that loaded snapshots covering `covers` (per worker)
+    reads from, None for the first message. Every message a loaded snapshot does not cover
+    must be read: a worker with messages in the stream (`in_stream`) and no snapshot loaded
+    is read from its first message, not joined in the middle of its epoch."""
+    if not covers or not in_stream <= covers.keys():
+        return None
+    return min(covers.values()) + 1

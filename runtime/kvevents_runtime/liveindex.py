@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from .backend import IndexBackend, Worker
 from .feed import IndexFeed
-from .prefix import Match, PrefixIndex
+from .prefix import PrefixIndex
+from .queries import BackendQueries
 from .subscriber import Notice
 
 logger = logging.getLogger("kvevents.index")
@@ -65,7 +64,7 @@ class WorkerState:
     stale_reason: str | None
 
 
-class LiveIndex:
+class LiveIndex(BackendQueries):
     """`await register(...)`, run `await live.run()` as a task, and `query` from the loop.
     Everything a router needs is a method here; the entries live in a backend
     (`IndexBackend`, in memory by default)."""
@@ -269,37 +268,9 @@ class LiveIndex:
 
     # -- queries ----------------------------------------------------------------------
 
-    @property
-    def block_size(self) -> int:
-        return self.backend.block_size
-
-    def query(
-        self, tokens: Any, lora_name: str | None = None, cache_salt: str | None = None
-    ) -> dict[Worker, Match]:
-        return self.backend.query(tokens, lora_name, cache_salt)
-
-    def match(self, hashes: list[int]) -> dict[Worker, Match]:
-        """As `query`, from Dynamo local block hashes."""
-        return self.backend.match(hashes)
-
-    @property
-    def stale(self) -> Mapping[Worker, str]:
-        """worker -> why its entries cannot be vouched for (read-only)."""
-        return MappingProxyType(self.backend.stale)
-
     def all_counters(self) -> dict[str, int]:
         """The backend's counters and this index's own."""
         return {**self.backend.counters, **self.counters}
-
-    def entries(self) -> int:
-        """(worker, block) entries held."""
-        return self.backend.entries()
-
-    def engine_blocks(self, worker: Worker) -> set[Any]:
-        return self.backend.engine_blocks(worker)
-
-    def chains(self, worker: Worker) -> Iterator[tuple[Any, list[tuple[Any, int]]]]:
-        return self.backend.chains(worker)
 
     def state(self, worker: Worker) -> WorkerState | None:
         """The worker's stream and entries now; None when it is not registered."""

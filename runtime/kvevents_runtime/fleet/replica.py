@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
-from types import MappingProxyType
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -26,7 +25,8 @@ import msgspec
 from ..backend import IndexBackend, Worker
 from ..errors import DecodeError
 from ..liveindex import WorkerState
-from ..prefix import Match, PrefixIndex
+from ..prefix import PrefixIndex
+from ..queries import BackendQueries
 from ..ratelimit import RateLimitedLog
 from . import protocol
 from .natsio import connect_jetstream, is_transient, read_object
@@ -42,7 +42,7 @@ SNAPSHOT_READ_BUDGET = 30.0
 """Seconds of attempts before a snapshot counts as unreadable (`fetch_errors`)."""
 
 
-class FleetIndex:
+class FleetIndex(BackendQueries):
     """`await index.start()`; queries answer from the event loop while it reads."""
 
     decode: Callable[[bytes], Any]
@@ -321,33 +321,8 @@ class FleetIndex:
     # -- queries ------------------------------------------------------------------------
 
     @property
-    def block_size(self) -> int:
-        return self.backend.block_size
-
-    def query(
-        self, tokens: Any, lora_name: str | None = None, cache_salt: str | None = None
-    ) -> dict[Worker, Match]:
-        return self.backend.query(tokens, lora_name, cache_salt)
-
-    def match(self, hashes: list[int]) -> dict[Worker, Match]:
-        return self.backend.match(hashes)
-
-    @property
-    def stale(self) -> Mapping[Worker, str]:
-        return MappingProxyType(self.backend.stale)
-
-    @property
     def workers(self) -> list[Worker]:
         return self.backend.workers
-
-    def entries(self) -> int:
-        return self.backend.entries()
-
-    def engine_blocks(self, worker: Worker) -> set[Any]:
-        return self.backend.engine_blocks(worker)
-
-    def chains(self, worker: Worker) -> Iterator[tuple[Any, list[tuple[Any, int]]]]:
-        return self.backend.chains(worker)
 
     def all_counters(self) -> dict[str, int]:
         return {**self.backend.counters, **self.tracker.counters, **self.counters}

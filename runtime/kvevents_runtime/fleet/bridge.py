@@ -70,9 +70,6 @@ class _Worker:
     epoch: str | None = None
     """The epoch token of the stream published now (None before the first delivery)."""
     subscriber_epoch: int = -1
-    instance: bytes | None = None
-    """The publisher instance of this epoch, once the subscriber has learnt it (an epoch's
-    first batch at seq 0 is delivered before the publisher says who it is)."""
     last_seq: int = -1
     whole: bool = False
     reason: str | None = None
@@ -275,20 +272,12 @@ class Bridge:
             # Read after a later restart in the same poll: the instance id is the newer one's.
             token = f"{token}-{subscriber_epoch}"
         worker.epoch = token
-        worker.instance = None
-        self._learn_instance(key, worker, subscriber_epoch)
         worker.blocks = BlockSet(self.shapes[worker.spec.dialect])
         worker.last_seq = -1
         worker.whole, worker.reason = True, None
         worker.changed = True
         self.counters["resets"] += 1
         self._enqueue((protocol.RESET, key, protocol.reset_headers(*key, worker.epoch), b"", None))
-
-    def _learn_instance(self, key: Worker, worker: _Worker, subscriber_epoch: int) -> None:
-        source = self._sources.get(key)
-        # The subscriber's instance is that of its newest epoch only.
-        if source is not None and source.sequencer.epoch == subscriber_epoch:
-            worker.instance = source.sequencer.instance
 
     def _epoch_token(self, key: Worker, subscriber_epoch: int) -> str:
         source = self._sources.get(key)
@@ -310,8 +299,6 @@ class Bridge:
             self._begin_epoch(key, worker, delivery.epoch)
         epoch = worker.epoch
         assert epoch is not None
-        if worker.instance is None:
-            self._learn_instance(key, worker, delivery.epoch)
         worker.changed = True
         if delivery.snapshot:
             # The engine's own snapshot: what was lost before it is covered by it.
@@ -442,10 +429,17 @@ class Bridge:
         unknown) and the newest seq of it taken into the queue; unlike the epoch token, the
         instance can be compared with the engine's own."""
         worker = self._workers[key]
-        if worker.instance is None and worker.epoch is not None:
-            # Learnt by an idle probe after the epoch's last delivery.
-            self._learn_instance(key, worker, worker.subscriber_epoch)
-        return worker.instance, worker.last_seq
+        source = self._sources.get(key)
+        # The subscriber's instance is that of its newest epoch only, and is learnt after an
+        # epoch's first batch when that is seq 0 (delivered before the publisher says who it
+        # is): asked now, not kept.
+        if (
+            worker.epoch is None
+            or source is None
+            or source.sequencer.epoch != worker.subscriber_epoch
+        ):
+            return None, worker.last_seq
+        return source.sequencer.instance, worker.last_seq
 
     def drained(self) -> bool:
         """Nothing queued or being published."""

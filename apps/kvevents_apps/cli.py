@@ -179,6 +179,17 @@ def demo(args: argparse.Namespace) -> int:
     return run_demo(batches=args.batches, dialect=args.dialect, port=args.port, quiet=args.quiet)
 
 
+def keys(args: argparse.Namespace) -> int:
+    from kvevents_runtime.security import SecurityError, make_keys
+
+    try:
+        public, secret = make_keys(args.directory, args.name)
+    except (SecurityError, OSError) as exc:
+        return _fail("keys", str(exc))
+    print(f"public: {public}\nsecret: {secret}")
+    return 0
+
+
 def index(args: argparse.Namespace) -> int:
     from .indexd import parse_workers, serve
 
@@ -209,6 +220,14 @@ def index(args: argparse.Namespace) -> int:
         except ValueError as exc:
             return _fail("index", str(exc))
         fleet = FleetSource(args.source, models, stream=args.stream, nats_options=options)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return _fail("index", "--tls-cert and --tls-key go together")
+    from .apiauth import ApiTokens
+
+    try:
+        tokens = ApiTokens.from_env()
+    except ValueError as exc:
+        return _fail("index", str(exc))
     return serve(
         host=args.host,
         port=args.port,
@@ -218,6 +237,8 @@ def index(args: argparse.Namespace) -> int:
         workers=workers,
         replay=replay,
         fleet=fleet,
+        tokens=tokens,
+        tls=None if args.tls_cert is None else (args.tls_cert, args.tls_key),
     )
 
 
@@ -454,6 +475,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(needs kvevents[metrics])",
     )
     p_tap.set_defaults(func=tap)
+    p_keys = commands.add_parser(
+        "keys",
+        help="write a CURVE key pair for kvevents' encrypted ZeroMQ hops",
+        description="Write DIR/NAME.key (public: give it to the peer) and DIR/NAME.key_secret "
+        "(secret, mode 0600), as zmq.auth does. A publisher reads KVEVENTS_CURVE_SECRET and "
+        "KVEVENTS_CURVE_CLIENTS (a directory of allowed clients' .key files); a subscriber, tap, "
+        "index or bridge reads KVEVENTS_CURVE_CLIENT_SECRET and KVEVENTS_CURVE_SERVER.",
+    )
+    p_keys.add_argument("directory", help="where to write the pair (created if missing)")
+    p_keys.add_argument("name", help="the pair's file name stem, e.g. the host's name")
+    p_keys.set_defaults(func=keys)
     p_demo = commands.add_parser(
         "demo",
         help="publish and repair a synthetic stream on loopback",
@@ -535,6 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="KVEVENTS",
         help="with --source: the JetStream stream (default KVEVENTS)",
     )
+    p_index.add_argument(
+        "--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM; with --tls-key)"
+    )
+    p_index.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     _add_nats_options(p_index)
     p_index.set_defaults(func=index)
     p_bridge = commands.add_parser(

@@ -44,6 +44,8 @@ from kvevents.index import (
     local_block_hashes,
 )
 
+from .apiauth import CHALLENGE, ApiTokens, Refusal, authorization_of
+
 logger = logging.getLogger("kvevents.index")
 
 UNHEALTHY_AFTER = 5.0
@@ -156,8 +158,13 @@ class IndexService:
         unhealthy_after: float = UNHEALTHY_AFTER,
         backend_factory: Callable[[int], IndexBackend] | None = None,
         fleet: FleetSource | None = None,
+        tokens: ApiTokens | None = None,
     ) -> None:
         self.block_size = block_size
+        self.tokens = tokens
+        """Bearer tokens required on every route but /health (None: the API is open)."""
+        self.refused = 0
+        """Requests refused 401/403 for their token."""
         self.fleet = fleet
         """Read the engines from NATS JetStream instead of ZeroMQ: workers come from the
         stream, and /register, /unregister answer 409."""
@@ -285,6 +292,15 @@ class IndexService:
         self.requests += 1
         path = scope["path"]
         method = scope["method"]
+        if self.tokens is not None:
+            try:
+                self.tokens.check(path, authorization_of(scope["headers"]))
+            except Refusal as exc:
+                self.errors += 1
+                self.refused += 1
+                headers = _JSON + (CHALLENGE if exc.status == 401 else [])
+                await _respond(send, exc.status, _encode({"error": str(exc)}), headers)
+                return
         if path == "/metrics" and method == "GET":
             body, content_type = self.metrics()
             await _respond(send, 200, body, [(b"content-type", content_type.encode())])
@@ -826,8 +842,11 @@ def serve(
     workers: list[tuple[int, int, str]],
     replay: dict[tuple[int, int], str],
     fleet: FleetSource | None = None,
+    tokens: ApiTokens | None = None,
+    tls: tuple[str, str] | None = None,
 ) -> int:
-    """Run the service until interrupted (uvicorn, httptools, uvloop when installed)."""
+    """Run the service until interrupted (uvicorn, httptools, uvloop when installed).
+    `tokens`: bearer tokens the API requires (apiauth); `tls`: (certificate, key) files."""
     try:
         import uvicorn
     except ImportError:
@@ -841,8 +860,13 @@ def serve(
     except OSError as exc:
         print(f"kvevents index: error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 2
-    app = IndexService(block_size, model_name, routing_group, workers, replay, fleet=fleet)
-    config = server_config(app, log_level="warning")
+    app = IndexService(
+        block_size, model_name, routing_group, workers, replay, fleet=fleet, tokens=tokens
+    )
+    options: dict[str, Any] = {}
+    if tls is not None:
+        options = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]}
+    config = server_config(app, log_level="warning", **options)
     server = uvicorn.Server(config)
     bound = listener.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
@@ -851,8 +875,15 @@ def serve(
         if fleet is None
         else f"replica of {', '.join(fleet.models)} from NATS stream {fleet.stream}"
     )
+    scheme = "http" if tls is None else "https"
+    if tokens is None and host not in ("127.0.0.1", "::1", "localhost"):
+        logger.warning(
+            "kvevents index: the API on %s is open to anyone who reaches it (set %s)",
+            host,
+            "KVEVENTS_INDEX_TOKENS",
+        )
     print(
-        f"kvevents index: serving on http://{shown}:{bound} ({origin})",
+        f"kvevents index: serving on {scheme}://{shown}:{bound} ({origin})",
         file=sys.stderr,
         flush=True,
     )
@@ -961,6 +992,10 @@ def _guarded_protocol(
                 return False
             if self.parser.get_method() != b"POST":
                 return False
+            if service is not None and service.tokens is not None:
+                # Refusals (and their counting) are the ASGI path's.
+                if service.tokens.role(authorization_of(self.headers)) is None:
+                    return False
             for name, value in self.headers:
                 if name == b"content-length":
                     return value.isdigit() and int(value) <= LARGE_QUERY

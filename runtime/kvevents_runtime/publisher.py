@@ -27,6 +27,7 @@ from .blockset import BlockSet, BlockShape
 from .closing import close_socket
 from .ratelimit import RateLimitedLog
 from .replay import ReplayService
+from .security import CurveServer, warn_if_exposed
 from .wire import Wire
 
 logger = logging.getLogger("kvevents.publisher")
@@ -89,8 +90,11 @@ class ZmqPublisherCore:
         dialect: str = "",
         snapshot_shape: BlockShape | None = None,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        curve: CurveServer | None = None,
     ) -> None:
-        """`resolve_ephemeral` rewrites a wildcard tcp endpoint with port 0 before it is
+        """`curve`: CURVE keys and allowed clients for both sockets (None: from the
+        environment, `kvevents_runtime.security`; plain when it says nothing).
+        `resolve_ephemeral` rewrites a wildcard tcp endpoint with port 0 before it is
         bound (vLLM binds the node IP there, so the advertised endpoint is dialable).
         `snapshot_shape` turns snapshots on: the thread keeps the live block set."""
         if buffer_steps < 1:
@@ -122,10 +126,14 @@ class ZmqPublisherCore:
         self._configured_endpoint = configured
         self._configured_replay_endpoint = configured_replay
         self._ctx: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context.instance()
+        self._curve = curve if curve is not None else CurveServer.from_env()
         self._pub: zmq.Socket = self._ctx.socket(zmq.PUB)
         try:
             self._pub.setsockopt(zmq.LINGER, 0)
             self._pub.set_hwm(hwm)
+            if self._curve is not None:
+                self._curve.apply(self._pub, self._ctx)
+            warn_if_exposed(configured, self._curve)
             self._pub_bound = endpoints.should_bind(configured, bind)
             self._endpoint = endpoints.attach(self._pub, configured, bind)
             self._replay = ReplayService(
@@ -140,6 +148,7 @@ class ZmqPublisherCore:
                 dialect,
                 None if snapshot_shape is None else BlockSet(snapshot_shape),
                 rank,
+                self._curve,
             )
         except BaseException:
             self._pub.close(linger=0)
@@ -446,6 +455,7 @@ class ZmqPublisherCore:
             "undelivered_at_shutdown": self._undelivered,
             "encode_failures": self._encode_failures,
             "send_failures": self._send_failures,
+            "curve_refused": 0 if self._curve is None else self._curve.refused,
             "replay_requests": replay.requests,
             "info_requests": replay.info_requests,
             "replay_invalid": replay.invalid,

@@ -33,6 +33,7 @@ from .blockset import BlockSet
 from .closing import close_socket
 from .errors import FrameError
 from .ratelimit import RateLimitedLog
+from .security import CurveServer, warn_if_exposed
 from .wire import ReplaySession, RingEntry, Wire
 
 logger = logging.getLogger("kvevents.publisher")
@@ -104,6 +105,7 @@ class ReplayService:
         dialect: str = "",
         blocks: BlockSet | None = None,
         rank: int | None = None,
+        curve: CurveServer | None = None,
     ) -> None:
         self.capacity = capacity
         self.blocks = blocks
@@ -149,6 +151,9 @@ class ReplayService:
             # replay and its END marker; the session resumes later.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.MAXMSGSIZE, self.MAX_REQUEST_BYTES)
+            if curve is not None:
+                curve.apply(sock, context)
+            warn_if_exposed(endpoint, curve)
             self.endpoint = endpoints.attach(sock, endpoint, True)
         except BaseException:
             sock.close(linger=0)

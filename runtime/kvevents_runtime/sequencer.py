@@ -116,7 +116,9 @@ class Snapshot(msgspec.Struct, frozen=True, gc=False):
 
 class Holding(msgspec.Struct, frozen=True, gc=False):
     """Live input is held from now until the publisher says who it is (after a reconnect, or
-    a batch under a delivered seq with other bytes): nothing is delivered meanwhile."""
+    a batch under a delivered seq with other bytes): nothing is delivered meanwhile. The
+    request in flight is abandoned (its answers may predate the reconnect, so they must be
+    dropped: a fresh DEALER); a RequestInfo follows."""
 
     held: int
 
@@ -199,6 +201,8 @@ class Sequencer:
         "snapshots_available",
         "suspect",
         "unverified",
+        "verifying",
+        "anchored",
         "want_replay",
     )
 
@@ -256,6 +260,11 @@ class Sequencer:
         The wire carries no instance id, and batches of the old instance can still arrive; a
         replayed batch with the same seq and bytes proves one is the new instance's (and so is
         everything that arrived after it), other bytes prove it is the old one's."""
+        self.anchored = False
+        """The instance named by info is known to have sent what this epoch delivered."""
+        self.verifying = False
+        """The replay in flight checks batches received before the publisher first said who
+        it is against its own (other bytes under one seq: they were another instance's)."""
         self.suspect = False
         self.held: dict[int, bytes] = {}
         """While `suspect`: live batches since the live socket reconnected, in arrival order,
@@ -380,7 +389,7 @@ class Sequencer:
     def _reconnected(self, out: Actions) -> None:
         if self.info_supported is False or not self.can_replay or self.expected is None:
             return
-        self._hold_until_told(out)
+        self._hold_until_told(out, renew=True)
 
     def _live(self, seq: int, payload: bytes, out: Actions) -> None:
         if self.suspect:
@@ -406,7 +415,13 @@ class Sequencer:
             if self.info_supported:
                 # Instance ids decide restarts: other bytes under a delivered seq are a late
                 # batch of an earlier instance, or a sign to ask who the publisher is now.
-                if same is False:
+                if same is False and not self.anchored:
+                    # Two instances for certain, and the one named by info is not known to be
+                    # the one delivered from: the newer is the one whose batch came last.
+                    self._restart("a live seq went backwards", True, out)
+                    self.instance = None
+                    self._join(seq, payload, out)
+                elif same is False:
                     # The reconnect notice that holds live input can come after the new
                     # instance's first batches (it travels apart from the data): without
                     # this hold, its next batch at the expected seq would be spliced on.
@@ -469,11 +484,31 @@ class Sequencer:
         if self.outstanding == "info":
             self.outstanding = None
         self.info_supported = True
+        expected = self.expected
+        if self.instance is None:
+            # The first answer names the instance. After a reconnect, what was delivered or
+            # held before it may be another instance's (a restart before the join handshake).
+            self.anchored = not self.suspect or not (expected or self.pending or self.held)
+        unanchored = not self.anchored and (self.instance is None or instance == self.instance)
+        if unanchored and (
+            (expected or 0) > next_seq or any(seq >= next_seq for seq in self.pending)
+        ):
+            # Everything delivered or pending arrived before this answer was asked for: an
+            # instance that has not reached those seqs yet is not the one that sent them.
+            self._restart("the publisher's next seq is behind what was received", False, out)
+            self.instance = instance
+            self.anchored = True
+            self.known_next = next_seq
+            if self.can_replay:
+                self.expected = 0
+                self._request_replay(out)
+            return
         if self.instance is None or instance == self.instance:
             self.known_next = max(self.known_next, next_seq)
         if self.instance is not None and instance != self.instance:
             self._restart("the publisher's instance changed", False, out)
             self.instance = instance
+            self.anchored = True
             self.known_next = next_seq
             if self.can_replay:
                 self.expected = 0
@@ -481,6 +516,8 @@ class Sequencer:
             return
         self.instance = instance
         if header:
+            # A replay starts at the last seq delivered: its bytes there anchor the instance.
+            self.verifying = unanchored and self.outstanding == "replay"
             if self.outstanding == "snapshot":
                 self.snapshot_seq = next_seq - 1
             self._release(out)
@@ -488,7 +525,15 @@ class Sequencer:
         self.want_replay = False
         if self.expected is None:
             return
-        if self.pending or self.unverified or self.held or self.expected < next_seq:
+        if self.pending or self.unverified or self.held or self.expected < next_seq or unanchored:
+            # Unanchored, the replay starts at the last seq delivered: bytes other than the
+            # ones delivered under it reveal a new instance (`_reply`), and what arrived since
+            # is placed by the replay's bytes like batches held across a restart.
+            self.verifying = unanchored
+            if unanchored and (self.pending or self.held):
+                self.unverified = _in_arrival_order(self.unverified or {}, self.pending, self.held)
+                self.pending.clear()
+                self.held = {}
             self._request_replay(out)
         elif self.gap_open:
             self.gap_open = False
@@ -512,7 +557,10 @@ class Sequencer:
         if self.unverified is not None and seq in self.unverified:
             self._place(seq, payload, out)
         if seq < self.expected:
-            if self._same_as_delivered(seq, payload) is False:
+            same = self._same_as_delivered(seq, payload)
+            if same and self.verifying:
+                self.anchored = True  # this instance sent what was delivered
+            elif same is False:
                 self._restart(
                     "a replayed batch differs from the one delivered under its seq", False, out
                 )
@@ -548,6 +596,7 @@ class Sequencer:
         if self.outstanding != "replay":
             return
         self.outstanding = None
+        self.verifying = False
         if self.unverified is not None:
             expected = self.expected
             assert expected is not None
@@ -584,6 +633,7 @@ class Sequencer:
 
     def _timeout(self, out: Actions) -> None:
         kind, self.outstanding = self.outstanding, None
+        self.verifying = False
         if kind == "info" and self.info_supported is None:
             self.info_supported = False
         if self.unverified is not None:
@@ -720,16 +770,26 @@ class Sequencer:
         overlap = entry is not None and entry[0] == expected - 1
         out.append(RequestReplay(expected - 1 if overlap else expected))
 
-    def _hold_until_told(self, out: Actions) -> None:
-        """Hold live batches until the publisher says who it is (an info answer)."""
-        if self.suspect:
+    def _hold_until_told(self, out: Actions, renew: bool = False) -> None:
+        """Hold live batches until the publisher says who it is (an info answer). `renew`: the
+        connection was lost (again): an answer asked for before it no longer says who is there now."""
+        if self.suspect and not renew:
             return
+        if not self.suspect:
+            self.held = {}
         self.suspect = True
-        self.held = {}
+        self.verifying = False
+        # An answer already on its way may have been written by the instance that just went
+        # away (seen on a loaded machine: it released the hold and the new instance's batches
+        # were spliced onto the old epoch). The subscriber replaces its DEALER on Holding, so
+        # the request in flight is abandoned and asked afresh; a replay or snapshot it stood
+        # for is asked again once the answer comes (pending batches, `heal_wanted`).
+        if self.outstanding == "snapshot":
+            self.snapshot_seq, self.snapshot_parts, self.snapshot_bytes = None, [], 0
+        self.want_replay = self.want_replay or self.outstanding == "replay"
+        self.outstanding = "info"
         out.append(Holding(len(self.pending)))
-        if self.outstanding is None:
-            self.outstanding = "info"
-            out.append(RequestInfo())
+        out.append(RequestInfo())
 
     def _same_as_delivered(self, seq: int, payload: bytes) -> bool | None:
         """Whether `payload` has the bytes delivered under `seq`; None when `seq` is outside
@@ -817,6 +877,7 @@ class Sequencer:
         self.pending.clear()
         self.known_next = 0
         self.suspect = False
+        self.verifying = False
         self.held = {}
         self.outstanding = None
         self.want_replay = False

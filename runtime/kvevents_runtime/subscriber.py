@@ -45,6 +45,7 @@ from zmq.utils.monitor import recv_monitor_message
 from .closing import close_socket
 from .endpoints import attach
 from .errors import DecodeError, FrameError, SourceLimitError
+from .security import CurveClient
 from .sequencer import (
     Actions,
     Counted,
@@ -212,6 +213,8 @@ class Subscriber:
     it (README, "State snapshots"); live batches are held (up to `max_buffered`) while it
     streams, and one longer than `snapshot_timeout` seconds or larger than
     `max_snapshot_bytes` is abandoned with a ``snapshot_abandoned`` notice.
+    `curve`: CURVE keys for every source's sockets (None: from the environment,
+    `kvevents_runtime.security`; plain when it says nothing).
     """
 
     wire: Wire
@@ -237,6 +240,7 @@ class Subscriber:
         on_notice: Callable[[Notice], None] | None = None,
         context: zmq.Context | None = None,
         rcvhwm: int = 100_000,
+        curve: CurveClient | None = None,
     ) -> None:
         if join not in ("start", "first_seen", "none"):
             raise ValueError("join must be 'start', 'first_seen' or 'none'")
@@ -266,6 +270,7 @@ class Subscriber:
         self._on_notice = on_notice or (lambda n: logger.info("kvevents: %s", n))
         self._ctx = context or zmq.Context.instance()
         self._rcvhwm = rcvhwm
+        self._curve = curve if curve is not None else CurveClient.from_env()
         self._poller = zmq.Poller()
         # interrupt() writes here: a poll waiting on the sockets wakes at once.
         self._wake_r, self._wake_w = os.pipe()
@@ -328,6 +333,8 @@ class Subscriber:
             if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://::"):
                 sub.setsockopt(zmq.IPV6, 1)
             sub.setsockopt(zmq.SUBSCRIBE, source.topic or b"")
+            if self._curve is not None:
+                self._curve.apply(sub)
             self._owners[sub] = (source, "live")
             self._poller.register(sub, zmq.POLLIN)
             if replay_endpoint is not None:
@@ -400,6 +407,8 @@ class Subscriber:
         # a frame larger than any batch drops the connection instead of filling memory.
         dealer.setsockopt(zmq.RCVHWM, 1000)
         dealer.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
+        if self._curve is not None:
+            self._curve.apply(dealer)
         source.dealer = dealer
         self._owners[dealer] = (source, "replay")
         self._poller.register(dealer, zmq.POLLIN)
@@ -623,7 +632,9 @@ class Subscriber:
                 # sequencer must see it first to place it in the right instance.
                 assert source.sub is not None
                 self._drain_live(source, source.sub, out, self._max_buffered)
-                kind = source.request.kind if source.request else None
+                if source.dealer is not sock or source.request is None:
+                    return  # the live connection was lost meanwhile: this answer may be stale
+                kind = source.request.kind
                 actions = sequencer.info(
                     info.instance, info.next_seq, info.oldest_seq, info.snapshots
                 )
@@ -692,7 +703,11 @@ class Subscriber:
                 case Snapshot(seq, payloads):
                     self._deliver_snapshot(source, seq, payloads, out)
                 case Holding():
+                    # Answers already on their way may be the instance that just went away's:
+                    # a fresh DEALER drops them (the sequencer asks again next).
                     stats["holds"] += 1
+                    source.request = None
+                    self._reset_dealer(source)
                     self._notice("holding", source, until="the publisher says who it is")
                 case Counted(name, count):
                     stats[name] += count

@@ -1,0 +1,104 @@
+"""The index API's bearer tokens over real HTTP: without a valid token nothing but /health
+answers and nothing changes; a read token queries but cannot register or unregister."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+
+import pytest
+
+from kvevents import vllm
+from tests.support import wait_until
+
+pytest.importorskip("uvicorn", reason="the index service needs kvevents[index]")
+from kvevents_apps.apiauth import ApiTokens  # noqa: E402
+from kvevents_apps.indexd import IndexService  # noqa: E402
+from tests.index.test_service import Server, chain, publish, stored  # noqa: E402
+
+ADMIN = "admin-token-0123456789abcdef"
+READ = "read-token-0123456789abcdef"
+LOOPBACK = "tcp://127.0.0.1:0"
+
+
+def call(server: Server, method: str, path: str, body: Any = None, token: str | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers=headers)
+        response = conn.getresponse()
+        raw = response.read()
+        ctype = response.getheader("content-type", "")
+        answer = json.loads(raw) if "json" in ctype else raw.decode()
+        return response.status, answer, response.getheader("www-authenticate")
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def guarded(publishers):
+    server = Server(
+        IndexService(
+            subscriber_options={"idle_probe": 0.2}, tokens=ApiTokens(admin=[ADMIN], read=[READ])
+        )
+    )
+    publisher = vllm.ZmqEventPublisher(0, endpoint=LOOPBACK, replay_endpoint=LOOPBACK)
+    publishers.append(publisher)
+    yield server, publisher
+    server.close()
+
+
+def registration(publisher: Any) -> dict[str, Any]:
+    return {
+        "instance_id": 7,
+        "endpoint": publisher.connect_endpoint,
+        "replay_endpoint": publisher.connect_replay_endpoint,
+        "model_name": "m",
+        "block_size": 16,
+    }
+
+
+def test_without_a_valid_token_only_health_answers_and_nothing_changes(guarded) -> None:
+    server, publisher = guarded
+    for token in (None, "not-a-configured-token-at-all", ADMIN[:-1]):
+        status, answer, challenge = call(
+            server, "POST", "/register", registration(publisher), token
+        )
+        assert status == 401 and "bearer token" in answer["error"] and challenge
+        for method, path in (("GET", "/workers"), ("GET", "/metrics"), ("GET", "/dump")):
+            assert call(server, method, path, token=token)[0] == 401
+        query = {"token_ids": list(range(32)), "model_name": "m"}
+        assert call(server, "POST", "/query", query, token)[0] == 401  # the fast lane too
+    assert call(server, "GET", "/health")[0] in (200, 503)
+    status, workers, _ = call(server, "GET", "/workers", token=ADMIN)
+    assert status == 200 and workers == []  # the refused registrations changed nothing
+    assert server.server.config.app.refused >= 15
+
+
+def test_a_read_token_queries_but_cannot_change_what_is_followed(guarded) -> None:
+    server, publisher = guarded
+    assert call(server, "POST", "/register", registration(publisher), READ)[:2] == (
+        403,
+        {"error": "a read-only token may not use /register"},
+    )
+    assert call(server, "POST", "/register", registration(publisher), ADMIN)[0] == 201
+    tokens, hashes = chain(__import__("random").Random(1), 2)
+    publish(publisher, stored(hashes, tokens))
+    query = {"token_ids": tokens, "model_name": "m"}
+
+    def matched() -> bool:
+        status, answer, _ = call(server, "POST", "/query", query, READ)
+        return status == 200 and bool(answer.get("scores"))
+
+    assert wait_until(matched, 10), call(server, "POST", "/query", query, READ)
+    unregister = {"instance_id": 7, "model_name": "m"}
+    assert call(server, "POST", "/unregister", unregister, READ)[0] == 403
+    status, workers, _ = call(server, "GET", "/workers", token=READ)
+    assert status == 200 and [w["instance_id"] for w in workers] == [7]
+
+
+def test_short_tokens_are_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="at least 16"):
+        ApiTokens(admin=["short"])

@@ -1,0 +1,176 @@
+"""CURVE on kvevents' own hops, with real sockets: allowed clients get the whole stream
+(live and replayed), anyone else gets nothing and the publisher counts the refusal."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from kvevents import Subscriber, vllm
+from kvevents_runtime import security
+from kvevents_runtime.security import CurveClient, CurveServer, SecurityError, make_keys
+from tests.support import stable_tcp
+
+LOOPBACK = "tcp://127.0.0.1:0"
+
+pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
+
+
+def batch(n: int) -> vllm.KVEventBatch:
+    return vllm.KVEventBatch(
+        ts=float(n), events=[vllm.BlockRemoved(block_hashes=[n], medium="GPU")]
+    )
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, Path]:
+    """A publisher pair, an allowed client, and a stranger (a valid pair nobody allowed)."""
+    allowed = tmp_path / "allowed"
+    server_public, server_secret = make_keys(tmp_path / "server", "publisher")
+    client_public, client_secret = make_keys(tmp_path / "client", "router")
+    _, stranger_secret = make_keys(tmp_path / "stranger", "stranger")
+    allowed.mkdir()
+    (allowed / client_public.name).write_bytes(client_public.read_bytes())
+    _, other_server_secret = make_keys(tmp_path / "other", "other")
+    return {
+        "server_public": server_public,
+        "server_secret": server_secret,
+        "client_secret": client_secret,
+        "stranger_secret": stranger_secret,
+        "other_server_public": tmp_path / "other" / "other.key",
+        "allowed": allowed,
+    }
+
+
+@pytest.fixture
+def curve_publisher(keys, publishers, monkeypatch):
+    """A vLLM-dialect publisher whose CURVE settings come from the environment (its config
+    class has no field for them, by design)."""
+    monkeypatch.setenv(security.ENV_SERVER_SECRET, str(keys["server_secret"]))
+    monkeypatch.setenv(security.ENV_ALLOWED_CLIENTS, str(keys["allowed"]))
+    publisher = vllm.ZmqEventPublisher(0, endpoint=LOOPBACK, replay_endpoint=LOOPBACK)
+    publishers.append(publisher)
+    monkeypatch.delenv(security.ENV_SERVER_SECRET)
+    monkeypatch.delenv(security.ENV_ALLOWED_CLIENTS)
+    return publisher
+
+
+def received(sub: Subscriber, count: int, timeout: float) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        got += sub.poll(0.1)
+    return got
+
+
+def test_make_keys_writes_a_pair_zmq_auth_can_read(tmp_path: Path) -> None:
+    public, secret = make_keys(tmp_path, "node")
+    assert zmq.auth.load_certificate(str(public))[1] is None
+    pub_key, secret_key = zmq.auth.load_certificate(str(secret))
+    assert secret_key is not None and len(pub_key) == 40
+    assert secret.stat().st_mode & 0o077 == 0
+
+
+def test_an_allowed_client_gets_every_seq_once_in_order_live_and_replayed(
+    keys, curve_publisher
+) -> None:
+    for n in range(30):
+        curve_publisher.publish(batch(n))  # before anyone subscribed: only a replay has them
+    client = CurveClient(keys["client_secret"], keys["server_public"])
+    with Subscriber(
+        curve_publisher.connect_endpoint,
+        curve_publisher.connect_replay_endpoint,
+        curve=client,
+    ) as sub:
+        time.sleep(0.3)
+        for n in range(30, 60):
+            curve_publisher.publish(batch(n))
+        got = received(sub, 60, timeout=15)
+        stats = dict(sub.stats)
+    assert [d.seq for d in got] == list(range(60))
+    assert [d.batch.ts for d in got] == [float(n) for n in range(60)]
+    assert stats["replayed"] >= 30 and stats["history_lost"] == 0
+    assert curve_publisher.counters()["curve_refused"] == 0
+
+
+@pytest.mark.parametrize("who", ["stranger", "plain"])
+def test_a_client_that_is_not_allowed_receives_nothing_and_is_counted(
+    keys, curve_publisher, who
+) -> None:
+    curve = (
+        CurveClient(keys["stranger_secret"], keys["server_public"]) if who == "stranger" else None
+    )
+    with Subscriber(
+        curve_publisher.connect_endpoint,
+        curve_publisher.connect_replay_endpoint,
+        curve=curve,
+        idle_probe=0.2,
+    ) as sub:
+        deadline = time.monotonic() + 1.5
+        got: list = []
+        n = 0
+        while time.monotonic() < deadline:
+            curve_publisher.publish(batch(n))
+            n += 1
+            got += sub.poll(0.02)
+        refused = curve_publisher.counters()["curve_refused"]
+    assert got == []
+    if who == "stranger":
+        assert refused >= 1  # its handshakes reached the allow-list and were turned away
+
+
+def test_a_client_with_the_wrong_server_key_receives_nothing(keys, curve_publisher) -> None:
+    client = CurveClient(keys["client_secret"], keys["other_server_public"])
+    with Subscriber(
+        curve_publisher.connect_endpoint, curve_publisher.connect_replay_endpoint, curve=client
+    ) as sub:
+        deadline = time.monotonic() + 1.5
+        got: list = []
+        n = 0
+        while time.monotonic() < deadline:
+            curve_publisher.publish(batch(n))
+            n += 1
+            got += sub.poll(0.02)
+    assert got == []
+
+
+def test_the_subscriber_reads_its_keys_from_the_environment(
+    keys, curve_publisher, monkeypatch
+) -> None:
+    monkeypatch.setenv(security.ENV_CLIENT_SECRET, str(keys["client_secret"]))
+    monkeypatch.setenv(security.ENV_SERVER_PUBLIC, str(keys["server_public"]))
+    with Subscriber(
+        curve_publisher.connect_endpoint, curve_publisher.connect_replay_endpoint
+    ) as sub:
+        time.sleep(0.3)
+        for n in range(5):
+            curve_publisher.publish(batch(n))
+        got = received(sub, 5, timeout=10)
+    assert [d.seq for d in got] == list(range(5))
+
+
+def test_half_a_setting_or_a_missing_file_is_a_clear_error(keys, monkeypatch) -> None:
+    monkeypatch.setenv(security.ENV_CLIENT_SECRET, str(keys["client_secret"]))
+    with pytest.raises(SecurityError, match=security.ENV_SERVER_PUBLIC):
+        CurveClient.from_env()
+    with pytest.raises(SecurityError, match="cannot read"):
+        CurveClient(keys["client_secret"], "/nonexistent/server.key")
+    with pytest.raises(SecurityError, match="no secret key"):
+        CurveServer(keys["server_public"], keys["allowed"])
+    with pytest.raises(SecurityError, match="does not exist"):
+        CurveServer(keys["server_secret"], "/nonexistent/allowed")
+
+
+def test_binding_every_interface_without_curve_warns_once(caplog, publishers) -> None:
+    caplog.set_level(logging.WARNING, logger="kvevents.security")
+    wildcard = stable_tcp().replace("127.0.0.1", "0.0.0.0")  # port 0 would be made the node's IP
+    first = vllm.ZmqEventPublisher(0, endpoint=wildcard, replay_endpoint=None)
+    publishers.append(first)
+    loopback = vllm.ZmqEventPublisher(0, endpoint=LOOPBACK, replay_endpoint=None)
+    publishers.append(loopback)
+    warnings = [r for r in caplog.records if "without CURVE" in r.getMessage()]
+    assert len(warnings) == 1 and "0.0.0.0" in warnings[0].getMessage()

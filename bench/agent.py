@@ -19,11 +19,26 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 IDLE_TIMEOUT_MS = 2000
 
 
-def _sub(ctx: zmq.Context, endpoint: str, topic: str) -> zmq.Socket:
+Curve = tuple[str, str] | None
+"""(client secret certificate, server public certificate) files: a CURVE client; None: plain."""
+
+
+def _curve_client(curve: Curve) -> Any:
+    if curve is None:
+        return None
+    from kvevents import CurveClient
+
+    return CurveClient.from_files(*curve)
+
+
+def _sub(ctx: zmq.Context, endpoint: str, topic: str, curve: Curve = None) -> zmq.Socket:
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RCVHWM, 0)
     sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    client = _curve_client(curve)
+    if client is not None:
+        client.apply(sub)
     sub.connect(endpoint)
     return sub
 
@@ -47,11 +62,18 @@ class _Consumer:
 
 
 class _KveventsConsumer(_Consumer):
-    def __init__(self, ctx: zmq.Context, endpoint: str, topic: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, topic: str, curve: Curve = None) -> None:
         from kvevents import Subscriber
 
         self.subscriber = Subscriber(
-            endpoint, None, topic, join="first_seen", idle_probe=None, rcvhwm=0, context=ctx
+            endpoint,
+            None,
+            topic,
+            join="first_seen",
+            idle_probe=None,
+            rcvhwm=0,
+            context=ctx,
+            curve=_curve_client(curve),
         )
 
     def await_first(self) -> bool:
@@ -69,8 +91,8 @@ class _KveventsConsumer(_Consumer):
 
 
 class _SocketConsumer(_Consumer):
-    def __init__(self, ctx: zmq.Context, endpoint: str, topic: str) -> None:
-        self.sub = _sub(ctx, endpoint, topic)
+    def __init__(self, ctx: zmq.Context, endpoint: str, topic: str, curve: Curve = None) -> None:
+        self.sub = _sub(ctx, endpoint, topic, curve)
 
     def await_first(self) -> bool:
         if not self.sub.poll(10_000):
@@ -85,12 +107,12 @@ class _SocketConsumer(_Consumer):
 class _ExampleConsumer(_SocketConsumer):
     """As vLLM's example consumer does: poll, recv_multipart, then a typed decode."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, topic: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, topic: str, curve: Curve = None) -> None:
         import msgspec
 
         from bench.references import VLLM, load
 
-        super().__init__(ctx, endpoint, topic)
+        super().__init__(ctx, endpoint, topic, curve)
         self.decode = msgspec.msgpack.Decoder(load(VLLM).KVEventBatch).decode
 
     def take(self) -> list[int]:
@@ -133,10 +155,10 @@ class _StrictFloor(_SocketConsumer):
     the subscriber adds to this is its own overhead, and no strictly framed consumer on
     pyzmq can be faster than this row."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, topic: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, topic: str, curve: Curve = None) -> None:
         from kvevents.codec import decode
 
-        super().__init__(ctx, endpoint, topic)
+        super().__init__(ctx, endpoint, topic, curve)
         self.decode = decode
 
     def take(self) -> list[int]:
@@ -177,10 +199,12 @@ def _handshake(source: _Consumer, conn: Connection) -> tuple[int, int] | None:
     return go["first"], go["first"] + go["n"] - 1
 
 
-def count(ctx: zmq.Context, conn: Connection, endpoint: str, topic: str) -> None:
+def count(
+    ctx: zmq.Context, conn: Connection, endpoint: str, topic: str, curve: Curve = None
+) -> None:
     """The cheapest possible consumer (three `recv()` calls, the seq parsed, nothing decoded):
     end to end the publisher is the bottleneck, never this."""
-    source = _SocketConsumer(ctx, endpoint, topic)
+    source = _SocketConsumer(ctx, endpoint, topic, curve)
     try:
         timed = _handshake(source, conn)
         if timed is None:
@@ -215,10 +239,17 @@ def count(ctx: zmq.Context, conn: Connection, endpoint: str, topic: str) -> None
         source.close()
 
 
-def deliver(ctx: zmq.Context, conn: Connection, endpoint: str, topic: str, consumer: str) -> None:
+def deliver(
+    ctx: zmq.Context,
+    conn: Connection,
+    endpoint: str,
+    topic: str,
+    consumer: str,
+    curve: Curve = None,
+) -> None:
     """A consumer handing decoded batches to its caller, timed from `go` (sent after the whole
     backlog) to the last delivery, so the figure is the consumer's own rate."""
-    source = CONSUMERS[consumer](ctx, endpoint, topic)
+    source = CONSUMERS[consumer](ctx, endpoint, topic, curve)
     try:
         timed = _handshake(source, conn)
         if timed is None:

@@ -108,7 +108,47 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out += _index_targets(results["index"])
     if "rss" in results:
         out += _rss_targets(results)
+    if "curve" in results:
+        out += _curve_targets(results["curve"])
     return out
+
+
+def _curve_targets(c: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 23: CURVE within 10% of plain, on each figure (CPU: at most 1.1×; rates: at
+    least 0.9×)."""
+    plain, curve = c["plain"], c["curve"]
+    rows = [
+        _row(
+            "end to end rate",
+            _ratio(curve["end_to_end_per_s"], plain["end_to_end_per_s"]),
+            0.9,
+            True,
+        ),
+        _row(
+            "subscriber delivered rate",
+            _ratio(curve["subscriber_per_s"], plain["subscriber_per_s"]),
+            0.9,
+            True,
+        ),
+    ]
+    cpu = _ratio(curve["thread_cpu_us"], plain["thread_cpu_us"])
+    rows.append(
+        {
+            "what": "publisher thread CPU (÷ plain, ≤ 1.1)",
+            "value": cpu,
+            "ok": cpu is not None and cpu <= 1.1,
+        }
+    )
+    return [
+        _target(
+            "curve_cost",
+            "CURVE ÷ plain ≥ 0.9 (rates), ≤ 1.1 (CPU)",
+            0.9,
+            True,
+            rows,
+            "libzmq encrypts and decrypts on its I/O threads, which share the two cores",
+        )
+    ]
 
 
 def _live_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -599,6 +639,8 @@ def markdown(results: dict[str, Any], verdict: list[dict[str, Any]], command: st
         parts += _index_section(results["index"])
     if "fleet" in results:
         parts += _fleet_section(results["fleet"])
+    if "curve" in results:
+        parts += _curve_section(results["curve"])
     if "mock" in results:
         m = results["mock"]
         parts += [
@@ -672,6 +714,34 @@ def _fleet_section(f: dict[str, Any]) -> list[str]:
 
 def _ratio(numerator: Figure | None, denominator: Figure | None) -> float | None:
     return ratio(_m(numerator), _m(denominator))
+
+
+def _curve_section(c: dict[str, Any]) -> list[str]:
+    plain, curve = c["plain"], c["curve"]
+    rows = [
+        [
+            label,
+            plain[name].text(),
+            curve[name].text(),
+            _x(_ratio(curve[name], plain[name])),
+        ]
+        for label, name in (
+            ("publisher thread CPU per batch, µs (lower is better)", "thread_cpu_us"),
+            ("end to end, batches/s", "end_to_end_per_s"),
+            ("kvevents Subscriber delivered, batches/s", "subscriber_per_s"),
+        )
+    ]
+    return [
+        "## CURVE against plain (kvevents' own hops)",
+        "",
+        f"A kvevents publisher (vLLM dialect) and a consumer in the agent process over tcp on "
+        f"127.0.0.1, {c['batches']:,} batches of shape {c['shape']!r} per row; CURVE with an "
+        f"allow-list of one client key. Batches dropped over all rows: {c['dropped']:,}. "
+        "Goal (issue 23): within 10% of plain.",
+        "",
+        _table(["figure", "plain", "CURVE", "CURVE ÷ plain"], rows),
+        "",
+    ]
 
 
 def _workers(figures: dict[str, Any]) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import codec, fleet, index, live, mock, replay, rss, shapes, snapshot
+from . import codec, curve, fleet, index, live, mock, replay, rss, shapes, snapshot
 from .agent import Agent
 from .impls import PAIRS, RAW_SENDERS, Impl, encode_all, load_impls
 from .stats import Figure
@@ -44,6 +44,8 @@ class Settings:
     fleet_batches: int = 20_000
     """Batches of the fleet's throughput rows (each of 16 blocks)."""
     fleet_bootstrap_blocks: int = 1_000_000
+    curve_batches: int = 50_000
+    """Batches of each CURVE-against-plain row (shape b)."""
 
     @classmethod
     def quick(cls) -> Settings:
@@ -59,6 +61,7 @@ class Settings:
             index_large=None,
             fleet_batches=3_000,
             fleet_bootstrap_blocks=100_000,
+            curve_batches=5_000,
         )
 
 
@@ -238,7 +241,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-SECTIONS = ("codec", "live", "replay", "rss", "snapshot", "index", "mock", "fleet")
+SECTIONS = ("codec", "live", "replay", "rss", "snapshot", "index", "mock", "fleet", "curve")
 """What `python -m bench --only` can select; `live` measures publishers and subscribers."""
 
 
@@ -287,5 +290,12 @@ def run_all(settings: Settings, only: frozenset[str] | None = None) -> dict[str,
             settings.reps, settings.fleet_batches, settings.fleet_bootstrap_blocks
         )
         _log("fleet done")
+    if "curve" in wanted:
+        agent = Agent()
+        try:
+            results["curve"] = curve.measure(agent, settings.reps, settings.curve_batches)
+        finally:
+            agent.close()
+        _log("CURVE against plain done")
     results["seconds"] = time.monotonic() - started
     return results

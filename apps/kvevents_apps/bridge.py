@@ -6,6 +6,9 @@ order) or in a JSON file (`--config`):
 
     {"engines": [{"endpoint": "tcp://127.0.0.1:5557", "replay_endpoint": "tcp://127.0.0.1:5558",
                   "worker_id": 1, "dp_rank": 0, "model": "llama", "dialect": "vllm"}]}
+
+An engine whose publisher uses CURVE names its public key (`"curve_server_key"`, z85); the
+bridge's own pair comes from KVEVENTS_CURVE_CLIENT_SECRET (README, Security).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class EngineEntry(msgspec.Struct, forbid_unknown_fields=True):
     model: str = "default"
     dialect: str = "vllm"
     topic: str | None = None
+    curve_server_key: str | None = None
+    """The engine's CURVE public key (z85), when its publisher uses CURVE."""
 
 
 class BridgeConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -180,7 +180,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def keys(args: argparse.Namespace) -> int:
-    from kvevents_runtime.security import SecurityError, make_keys
+    from kvevents import SecurityError, make_keys
 
     try:
         public, secret = make_keys(args.directory, args.name)
@@ -243,15 +243,22 @@ def index(args: argparse.Namespace) -> int:
 
 
 def _nats_options(args: argparse.Namespace) -> dict[str, Any]:
-    """nats-py connect options from --nats-creds / --nats-ca / --nats-cert / --nats-key
-    (user and password or a token go in the URL: nats://user:pass@host:4222)."""
+    """nats-py connect options from --nats-creds / --nats-nkey / --nats-ca / --nats-cert /
+    --nats-key (user and password or a token go in the URL: nats://user:pass@host:4222,
+    nats://token@host:4222)."""
     options: dict[str, Any] = {}
-    for name in ("nats_creds", "nats_ca", "nats_cert", "nats_key"):
+    for name in ("nats_creds", "nats_nkey", "nats_ca", "nats_cert", "nats_key"):
         path = getattr(args, name, None)
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
     if args.nats_creds:
         options["user_credentials"] = args.nats_creds
+    if getattr(args, "nats_nkey", None):
+        try:
+            import nkeys  # noqa: F401  (nats-py signs with it)
+        except ImportError:
+            raise ValueError("--nats-nkey needs the nkeys package: pip install nkeys") from None
+        options["nkeys_seed"] = args.nats_nkey
     if args.nats_ca or args.nats_cert:
         import ssl
 
@@ -264,6 +271,9 @@ def _nats_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_nats_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats-creds", metavar="FILE", help="NATS credentials file (JWT + nkey)")
+    parser.add_argument(
+        "--nats-nkey", metavar="FILE", help="NATS nkey seed file (needs the nkeys package)"
+    )
     parser.add_argument(
         "--nats-ca", metavar="FILE", help="CA bundle that signs the NATS server's TLS certificate"
     )

@@ -33,7 +33,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from kvevents import EndpointError, SourceLimitError, check_endpoint
+from kvevents import CurveClient, EndpointError, SecurityError, SourceLimitError, check_endpoint
 from kvevents.fleet import FleetIndex
 from kvevents.index import (
     IndexBackend,
@@ -91,6 +91,9 @@ class Register(msgspec.Struct, kw_only=True):
     routing_group: Name = "default"
     topic: Name | None = None
     """None (Dynamo's /register has none): every topic, as Dynamo's indexer reads them."""
+    curve_server_key: Annotated[str, Meta(min_length=40, max_length=40)] | None = None
+    """kvevents' own: the publisher's CURVE public key (z85), when its sockets use CURVE; this
+    service's pair comes from KVEVENTS_CURVE_CLIENT_SECRET."""
     tenant_id: Any = None
     additional_salt: Any = None
     additionalsalt: Any = None
@@ -384,6 +387,12 @@ class IndexService:
                 f"block_size {block_size} differs from {existing.block_size} "
                 f"of model={request.model_name} routing_group={request.routing_group}",
             )
+        curve = None
+        if request.curve_server_key is not None:
+            try:
+                curve = CurveClient.own_keys_from_env(request.curve_server_key)
+            except SecurityError as exc:
+                raise HttpError(400, str(exc)) from None
         live = self._index_for(*key, block_size)
         try:
             await live.register(
@@ -392,6 +401,7 @@ class IndexService:
                 request.replay_endpoint,
                 request.dp_rank,
                 request.topic,
+                curve,
             )
         except KeyError as exc:
             raise HttpError(409, exc.args[0]) from None

@@ -12,6 +12,8 @@
 - `check_endpoint(endpoint)`: EndpointError unless it is tcp://host:port, ipc:// or inproc://.
 - `stable_port()`: a free TCP port below the ephemeral range, for a publisher that will be
   restarted on the port it had.
+- `CurveServer`, `CurveClient`, `make_keys`, `SecurityError`: CURVE on kvevents' own hops
+  (README, Security).
 
 `import kvevents` loads msgspec only: the subscriber, the publishers and their config
 models (zmq, pydantic) load on first use.
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from kvevents_runtime.endpoints import check_endpoint
     from kvevents_runtime.metrics import PublisherCollector, SubscriberCollector
     from kvevents_runtime.ports import stable_port
+    from kvevents_runtime.security import CurveClient, CurveServer, SecurityError, make_keys
     from kvevents_runtime.subscriber import Delivery, Notice
 
     from . import legacy as legacy
@@ -65,6 +68,10 @@ _LAZY = {
     "PublisherCollector": "kvevents_runtime.metrics",
     "stable_port": "kvevents_runtime.ports",
     "check_endpoint": "kvevents_runtime.endpoints",
+    "CurveClient": "kvevents_runtime.security",
+    "CurveServer": "kvevents_runtime.security",
+    "SecurityError": "kvevents_runtime.security",
+    "make_keys": "kvevents_runtime.security",
 }
 _SUBMODULES = frozenset(
     {"vllm", "sglang", "legacy", "aio", "index", "mock", "fleet", "frames", "loops", "wire"}
@@ -122,4 +129,8 @@ __all__ = [
     "schema_path",
     "stable_port",
     "check_endpoint",
+    "CurveClient",
+    "CurveServer",
+    "SecurityError",
+    "make_keys",
 ]

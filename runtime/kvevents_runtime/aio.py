@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from .security import CurveClient
 from .subscriber import Delivery, Source, Subscriber
 
 
@@ -73,9 +74,13 @@ class AsyncSubscriber:
                 yield unread.popleft()
 
     async def add_source(
-        self, endpoint: str, replay_endpoint: str | None = None, topic: str | None | bytes = b""
+        self,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        topic: str | None | bytes = b"",
+        curve: CurveClient | None = None,
     ) -> Source:
-        return await self._run(self._sub.add_source, endpoint, replay_endpoint, topic)  # type: ignore[no-any-return]
+        return await self._run(self._sub.add_source, endpoint, replay_endpoint, topic, curve)  # type: ignore[no-any-return]
 
     async def request_snapshot(self, source: Source | int) -> bool:
         return await self._run(self._sub.request_snapshot, source)  # type: ignore[no-any-return]

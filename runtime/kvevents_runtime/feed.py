@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from .errors import SourceLimitError
+from .security import CurveClient
 from .subscriber import Notice
 
 if TYPE_CHECKING:
@@ -83,11 +84,16 @@ class IndexFeed:
         return self.failing_since is not None
 
     async def add_source(
-        self, owner: LiveIndex, endpoint: str, replay_endpoint: str | None, topic: str | None
+        self,
+        owner: LiveIndex,
+        endpoint: str,
+        replay_endpoint: str | None,
+        topic: str | None,
+        curve: CurveClient | None = None,
     ) -> Any:
         if len(self._owners) >= self.max_sources:
             raise SourceLimitError(f"max_sources {self.max_sources} reached")
-        source = await self._sub.add_source(endpoint, replay_endpoint, topic=topic)
+        source = await self._sub.add_source(endpoint, replay_endpoint, topic=topic, curve=curve)
         self._owners[source.index] = owner
         _, count = self._indexes.get(id(owner), (owner, 0))
         self._indexes[id(owner)] = (owner, count + 1)
@@ -175,7 +181,7 @@ class IndexFeed:
                 continue
             try:
                 new = await self._sub.add_source(
-                    source.endpoint, source.replay_endpoint, topic=source.topic
+                    source.endpoint, source.replay_endpoint, topic=source.topic, curve=source.curve
                 )
             except Exception:
                 logger.exception("kvevents index: source %s not followed again", source.endpoint)

@@ -33,6 +33,7 @@ from .backend import IndexBackend, Worker
 from .feed import IndexFeed
 from .prefix import PrefixIndex
 from .queries import BackendQueries
+from .security import CurveClient
 from .subscriber import Notice
 
 logger = logging.getLogger("kvevents.index")
@@ -129,16 +130,18 @@ class LiveIndex(BackendQueries):
         replay_endpoint: str | None = None,
         dp_rank: int = 0,
         topic: str | None = None,
+        curve: CurveClient | None = None,
     ) -> None:
         """Follow one engine (one DP rank). `topic` None reads every topic (as Dynamo's
-        indexer does), a string only that one. KeyError when it is already registered; the
-        subscriber's ValueError for an endpoint it cannot use."""
+        indexer does), a string only that one. `curve`: its CURVE keys (default: the
+        subscriber's). KeyError when it is already registered; the subscriber's ValueError
+        for an endpoint it cannot use."""
         worker = (worker_id, dp_rank)
         if worker in self._workers:
             raise KeyError(f"instance {worker_id} dp_rank {dp_rank} already registered")
         self._workers[worker] = None  # reserved while the source is added
         try:
-            source = await self._feed.add_source(self, endpoint, replay_endpoint, topic)
+            source = await self._feed.add_source(self, endpoint, replay_endpoint, topic, curve)
         except BaseException:
             del self._workers[worker]
             raise

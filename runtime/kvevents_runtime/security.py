@@ -7,7 +7,9 @@ added to an engine's config class (vLLM's and SGLang's reject unknown keys):
 - a publisher: ``KVEVENTS_CURVE_SECRET`` (its secret certificate, as `zmq.auth` writes it)
   and ``KVEVENTS_CURVE_CLIENTS`` (a directory of the allowed clients' public certificates);
 - a subscriber, `tap`, `kvevents index`, `kvevents bridge`: ``KVEVENTS_CURVE_CLIENT_SECRET``
-  (its own secret certificate) and ``KVEVENTS_CURVE_SERVER`` (the publisher's public one).
+  (its own secret certificate) and ``KVEVENTS_CURVE_SERVER`` (the publisher's public one, for
+  every source); or the pair alone, with each source's server key given apart (`/register`'s
+  ``curve_server_key``, the bridge's per-engine ``curve_server_key``).
 
 `kvevents keys DIR NAME` writes a pair (`make_keys`). A publisher refuses a client whose
 public key is not in the directory (counted: `CurveServer.refused`); a client with a wrong
@@ -113,25 +115,49 @@ class CurveServer:
 
 
 class CurveClient:
-    """A subscriber's key pair and the public key of the publisher it trusts."""
+    """A subscriber's key pair and the public key of the publisher it trusts (z85 text, 40
+    characters each, as `zmq.auth` certificates hold them)."""
 
-    def __init__(
-        self, secret_file: str | os.PathLike[str], server_public_file: str | os.PathLike[str]
-    ) -> None:
-        self.public_key, secret = _load(secret_file, secret=True)
+    def __init__(self, public_key: bytes, secret_key: bytes, server_key: bytes) -> None:
+        for name, key in (("public", public_key), ("secret", secret_key), ("server", server_key)):
+            if len(key) != 40:
+                raise SecurityError(f"a CURVE {name} key is 40 z85 characters, got {len(key)}")
+        self.public_key = public_key
+        self.secret_key = secret_key
+        self.server_key = server_key
+
+    @classmethod
+    def from_files(
+        cls, secret_file: str | os.PathLike[str], server_public_file: str | os.PathLike[str]
+    ) -> CurveClient:
+        public, secret = _load(secret_file, secret=True)
         assert secret is not None
-        self.secret_key = secret
-        self.server_key, _ = _load(server_public_file, secret=False)
+        server, _ = _load(server_public_file, secret=False)
+        return cls(public, secret, server)
 
     @classmethod
     def from_env(cls) -> CurveClient | None:
         secret = os.environ.get(ENV_CLIENT_SECRET)
         server = os.environ.get(ENV_SERVER_PUBLIC)
-        if not secret and not server:
-            return None
-        if not secret or not server:
-            raise SecurityError(f"set both {ENV_CLIENT_SECRET} and {ENV_SERVER_PUBLIC}")
-        return cls(secret, server)
+        if not server:
+            return None  # a pair alone serves sources whose server key is given apart
+        if not secret:
+            raise SecurityError(f"{ENV_SERVER_PUBLIC} is set: set {ENV_CLIENT_SECRET} too")
+        return cls.from_files(secret, server)
+
+    @classmethod
+    def own_keys_from_env(cls, server_key: str | bytes) -> CurveClient:
+        """This process's pair (``KVEVENTS_CURVE_CLIENT_SECRET``) for a server whose key is
+        given apart (e.g. per source registered with `kvevents index`)."""
+        secret = os.environ.get(ENV_CLIENT_SECRET)
+        if not secret:
+            raise SecurityError(
+                f"a CURVE server key was given but {ENV_CLIENT_SECRET} (this side's pair) is not set"
+            )
+        public, secret_key = _load(secret, secret=True)
+        assert secret_key is not None
+        key = server_key.encode() if isinstance(server_key, str) else server_key
+        return cls(public, secret_key, key)
 
     def apply(self, sock: zmq.Socket) -> None:
         """Make `sock` a CURVE client of the trusted server (before connect)."""

@@ -178,6 +178,8 @@ class Source:
         """The topic read (exactly); None: every topic."""
         self.monitor: zmq.Socket | None = None
         """The SUB's connection events: a lost connection may bring back a new instance."""
+        self.curve: CurveClient | None = None
+        """CURVE keys of this source's sockets (None: plain)."""
 
     @property
     def epoch(self) -> int:
@@ -308,10 +310,15 @@ class Subscriber:
         return list(self._sources.values())
 
     def add_source(
-        self, endpoint: str, replay_endpoint: str | None = None, topic: str | None | bytes = b""
+        self,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        topic: str | None | bytes = b"",
+        curve: CurveClient | None = None,
     ) -> Source:
         """Follow one more publisher (e.g. another DP rank). `topic`: the subscriber's own
-        unless given; a string reads that topic only, None every topic."""
+        unless given; a string reads that topic only, None every topic. `curve`: this
+        publisher's CURVE keys (default: the subscriber's)."""
         sequencer = Sequencer(
             self._join,
             replay_endpoint is not None,
@@ -320,6 +327,7 @@ class Subscriber:
             self._max_snapshot_bytes,
         )
         source = Source(self._next_index, endpoint, replay_endpoint, sequencer)
+        source.curve = curve if curve is not None else self._curve
         if topic == b"":
             source.topic = self._topic
         else:
@@ -333,8 +341,8 @@ class Subscriber:
             if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://::"):
                 sub.setsockopt(zmq.IPV6, 1)
             sub.setsockopt(zmq.SUBSCRIBE, source.topic or b"")
-            if self._curve is not None:
-                self._curve.apply(sub)
+            if source.curve is not None:
+                source.curve.apply(sub)
             self._owners[sub] = (source, "live")
             self._poller.register(sub, zmq.POLLIN)
             if replay_endpoint is not None:
@@ -407,8 +415,8 @@ class Subscriber:
         # a frame larger than any batch drops the connection instead of filling memory.
         dealer.setsockopt(zmq.RCVHWM, 1000)
         dealer.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
-        if self._curve is not None:
-            self._curve.apply(dealer)
+        if source.curve is not None:
+            source.curve.apply(dealer)
         source.dealer = dealer
         self._owners[dealer] = (source, "replay")
         self._poller.register(dealer, zmq.POLLIN)

@@ -200,6 +200,7 @@ BAD_VALUES = [
     (["index", "--block-size", "0"], "--block-size: must be at least 1"),
     (["index", "--workers", "1=bad"], "kvevents index"),
     (["no-such-command"], "invalid choice"),
+    (["keys", "/proc/no-such-dir/keys", "node"], "kvevents keys"),
     ([], "required: COMMAND"),
 ]
 
@@ -237,7 +238,7 @@ def test_version_and_help_explain_every_command_and_option():
     top = subprocess.run([*KVEVENTS, "--help"], capture_output=True, text=True, timeout=60)
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(commands.choices) == {"tap", "demo", "index", "bridge", "simulate"}
+    assert set(commands.choices) == {"tap", "demo", "index", "bridge", "simulate", "keys"}
     for name, sub in commands.choices.items():
         assert re.search(rf"^    {name} +\S", top.stdout, re.MULTILINE), f"{name} not explained"
         assert sub.description, f"kvevents {name} --help has no description"
@@ -359,3 +360,20 @@ def test_every_kvevents_command_in_the_readme_parses():
             parser.parse_args(argv)
         except SystemExit as exc:
             raise AssertionError(f"README: {command!r} does not parse") from exc
+
+
+def test_keys_writes_a_pair_a_publisher_and_a_subscriber_can_load(tmp_path: Path):
+    result = subprocess.run(
+        [*KVEVENTS, "keys", str(tmp_path / "k"), "engine"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    from kvevents import CurveClient
+
+    client = CurveClient.from_files(
+        tmp_path / "k" / "engine.key_secret", tmp_path / "k" / "engine.key"
+    )
+    assert client.public_key == client.server_key  # the pair's own public half, read back
+    assert (tmp_path / "k" / "engine.key_secret").stat().st_mode & 0o077 == 0

@@ -39,3 +39,42 @@ def test_a_replica_without_a_stream_says_so(nats_server) -> None:
         await replica.close()
 
     asyncio.run(run())
+
+
+def test_a_token_in_the_url_and_an_nkey_seed_file_connect(tmp_path: Path) -> None:
+    """nats-py's other credentials, as `kvevents bridge` and `kvevents index --source` pass
+    them: a token in the URL (nats://TOKEN@host) and an nkey seed file (--nats-nkey)."""
+    import argparse
+    import os
+
+    import nkeys
+
+    from kvevents_apps.cli import _nats_options
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "router.nk"
+    seed_file.write_bytes(seed)
+    config = tmp_path / "nkey.conf"
+    config.write_text('authorization { users = [ { nkey: "' + public + '" } ] }\n')
+    args = argparse.Namespace(
+        nats_creds=None, nats_nkey=str(seed_file), nats_ca=None, nats_cert=None, nats_key=None
+    )
+    with NatsServer(tmp_path / "nkey", extra_args=("-c", str(config))) as server:
+
+        async def nkey() -> None:
+            nc, _ = await connect_jetstream(server.url, **_nats_options(args))
+            await nc.close()
+            with pytest.raises(ConnectionError, match="cannot reach NATS"):
+                await connect_jetstream(server.url, connect_timeout=2.0)
+
+        asyncio.run(nkey())
+    with NatsServer(tmp_path / "token", extra_args=("--auth", "t0ken-for-tests")) as server:
+
+        async def token() -> None:
+            nc, _ = await connect_jetstream(server.url.replace("//", "//t0ken-for-tests@"))
+            await nc.close()
+            with pytest.raises(ConnectionError, match="cannot reach NATS"):
+                await connect_jetstream(server.url, connect_timeout=2.0)
+
+        asyncio.run(token())

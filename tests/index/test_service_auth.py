@@ -102,3 +102,45 @@ def test_a_read_token_queries_but_cannot_change_what_is_followed(guarded) -> Non
 def test_short_tokens_are_refused_at_start() -> None:
     with pytest.raises(ValueError, match="at least 16"):
         ApiTokens(admin=["short"])
+
+
+def test_a_source_registered_with_its_curve_key_is_indexed_and_a_plain_one_is_not(
+    tmp_path, publishers, monkeypatch
+) -> None:
+    import zmq.auth
+
+    from kvevents_runtime import security
+
+    server_public, server_secret = security.make_keys(tmp_path / "engine", "engine")
+    client_public, client_secret = security.make_keys(tmp_path / "router", "router")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / client_public.name).write_bytes(client_public.read_bytes())
+    monkeypatch.setenv(security.ENV_SERVER_SECRET, str(server_secret))
+    monkeypatch.setenv(security.ENV_ALLOWED_CLIENTS, str(allowed))
+    engine = vllm.ZmqEventPublisher(0, endpoint=LOOPBACK, replay_endpoint=LOOPBACK)
+    publishers.append(engine)
+    monkeypatch.delenv(security.ENV_SERVER_SECRET)
+    monkeypatch.delenv(security.ENV_ALLOWED_CLIENTS)
+    monkeypatch.setenv(security.ENV_CLIENT_SECRET, str(client_secret))
+    key = zmq.auth.load_certificate(str(server_public))[0].decode()
+
+    server = Server(IndexService(subscriber_options={"idle_probe": 0.2}))
+    try:
+        plain = dict(registration(engine), instance_id=1, model_name="plain")
+        secure = dict(registration(engine), instance_id=2, curve_server_key=key)
+        assert call(server, "POST", "/register", plain)[0] == 201
+        assert call(server, "POST", "/register", secure)[0] == 201
+        bad = dict(registration(engine), instance_id=3, curve_server_key="x" * 39)
+        assert call(server, "POST", "/register", bad)[0] == 422
+        tokens, hashes = chain(__import__("random").Random(2), 2)
+        publish(engine, stored(hashes, tokens))
+
+        def scores(model: str) -> dict:
+            query = {"token_ids": tokens, "model_name": model}
+            return call(server, "POST", "/query", query)[1].get("scores", {})
+
+        assert wait_until(lambda: bool(scores("m")), 10), scores("m")
+        assert scores("plain") == {}  # a plain client fails the CURVE handshake: nothing arrives
+    finally:
+        server.close()

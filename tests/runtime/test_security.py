@@ -80,7 +80,7 @@ def test_an_allowed_client_gets_every_seq_once_in_order_live_and_replayed(
 ) -> None:
     for n in range(30):
         curve_publisher.publish(batch(n))  # before anyone subscribed: only a replay has them
-    client = CurveClient(keys["client_secret"], keys["server_public"])
+    client = CurveClient.from_files(keys["client_secret"], keys["server_public"])
     with Subscriber(
         curve_publisher.connect_endpoint,
         curve_publisher.connect_replay_endpoint,
@@ -102,7 +102,9 @@ def test_a_client_that_is_not_allowed_receives_nothing_and_is_counted(
     keys, curve_publisher, who
 ) -> None:
     curve = (
-        CurveClient(keys["stranger_secret"], keys["server_public"]) if who == "stranger" else None
+        CurveClient.from_files(keys["stranger_secret"], keys["server_public"])
+        if who == "stranger"
+        else None
     )
     with Subscriber(
         curve_publisher.connect_endpoint,
@@ -124,7 +126,7 @@ def test_a_client_that_is_not_allowed_receives_nothing_and_is_counted(
 
 
 def test_a_client_with_the_wrong_server_key_receives_nothing(keys, curve_publisher) -> None:
-    client = CurveClient(keys["client_secret"], keys["other_server_public"])
+    client = CurveClient.from_files(keys["client_secret"], keys["other_server_public"])
     with Subscriber(
         curve_publisher.connect_endpoint, curve_publisher.connect_replay_endpoint, curve=client
     ) as sub:
@@ -154,11 +156,14 @@ def test_the_subscriber_reads_its_keys_from_the_environment(
 
 
 def test_half_a_setting_or_a_missing_file_is_a_clear_error(keys, monkeypatch) -> None:
-    monkeypatch.setenv(security.ENV_CLIENT_SECRET, str(keys["client_secret"]))
-    with pytest.raises(SecurityError, match=security.ENV_SERVER_PUBLIC):
+    monkeypatch.setenv(security.ENV_SERVER_PUBLIC, str(keys["server_public"]))
+    with pytest.raises(SecurityError, match=security.ENV_CLIENT_SECRET):
         CurveClient.from_env()
+    monkeypatch.delenv(security.ENV_SERVER_PUBLIC)
+    monkeypatch.setenv(security.ENV_CLIENT_SECRET, str(keys["client_secret"]))
+    assert CurveClient.from_env() is None  # a pair alone: for server keys given per source
     with pytest.raises(SecurityError, match="cannot read"):
-        CurveClient(keys["client_secret"], "/nonexistent/server.key")
+        CurveClient.from_files(keys["client_secret"], "/nonexistent/server.key")
     with pytest.raises(SecurityError, match="no secret key"):
         CurveServer(keys["server_public"], keys["allowed"])
     with pytest.raises(SecurityError, match="does not exist"):

@@ -33,6 +33,7 @@ from typing import Any
 from ..backend import Worker
 from ..blockset import BlockSet, BlockShape
 from ..ratelimit import RateLimitedLog
+from ..security import CurveClient
 from ..subscriber import Notice
 from . import protocol
 from .natsio import connect_jetstream, ensure_bucket, ensure_stream
@@ -60,6 +61,9 @@ class EngineSpec:
     dialect: str = "vllm"
     topic: str | None = None
     """None reads every topic (as Dynamo's indexer does)."""
+    curve_server_key: str | None = None
+    """The publisher's CURVE public key (z85); this side's pair comes from the environment
+    (kvevents_runtime.security). None: the subscriber's default (plain, or the environment's)."""
 
 
 @dataclass
@@ -188,8 +192,11 @@ class Bridge:
                 protocol.subject(spec.model, spec.worker_id, spec.dp_rank, self.root),
                 BlockSet(self.shapes[spec.dialect]),
             )
+            curve = None
+            if spec.curve_server_key is not None:
+                curve = CurveClient.own_keys_from_env(spec.curve_server_key)
             source = await self._sub.add_source(
-                spec.endpoint, spec.replay_endpoint, topic=spec.topic
+                spec.endpoint, spec.replay_endpoint, topic=spec.topic, curve=curve
             )
             self._by_source[source.index] = key
             self._sources[key] = source

@@ -193,23 +193,23 @@ def _zap_for(context: zmq.Context) -> _Zap:
         return zap
 
 
-_warned: set[str] = set()
+_warned = threading.Event()
 
 
 def warn_if_exposed(endpoint: str, curve: object | None) -> None:
-    """One warning per endpoint: binding every interface without CURVE lets anyone who can
-    reach the host read prompts' token ids (and, on a replay socket, ask for them)."""
-    if curve is not None or not endpoint.startswith("tcp://"):
+    """One warning per process (a node's DP ranks bind many): binding every interface
+    without CURVE lets anyone who can reach the host read prompts' token ids (and, on a
+    replay socket, ask for them)."""
+    if curve is not None or not endpoint.startswith("tcp://") or _warned.is_set():
         return
     host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
     if host not in ("*", "0.0.0.0", "::", ""):
         return
-    if endpoint in _warned:
-        return
-    _warned.add(endpoint)
+    _warned.set()
     logger.warning(
         "kvevents: %s binds every interface without CURVE: anyone who can reach this host "
-        "can read the token ids of its prompts; bind 127.0.0.1 or set %s and %s",
+        "can read the token ids of its prompts; bind 127.0.0.1 or set %s and %s (said once "
+        "per process)",
         endpoint,
         ENV_SERVER_SECRET,
         ENV_ALLOWED_CLIENTS,

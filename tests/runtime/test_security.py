@@ -170,12 +170,48 @@ def test_half_a_setting_or_a_missing_file_is_a_clear_error(keys, monkeypatch) ->
         CurveServer(keys["server_secret"], "/nonexistent/allowed")
 
 
-def test_binding_every_interface_without_curve_warns_once(caplog, publishers) -> None:
+def test_binding_every_interface_without_curve_warns_once(caplog, publishers, monkeypatch) -> None:
+    monkeypatch.setattr(security, "_warned", __import__("threading").Event())  # a fresh process
     caplog.set_level(logging.WARNING, logger="kvevents.security")
     wildcard = stable_tcp().replace("127.0.0.1", "0.0.0.0")  # port 0 would be made the node's IP
     first = vllm.ZmqEventPublisher(0, endpoint=wildcard, replay_endpoint=None)
     publishers.append(first)
     loopback = vllm.ZmqEventPublisher(0, endpoint=LOOPBACK, replay_endpoint=None)
     publishers.append(loopback)
+    again = stable_tcp().replace("127.0.0.1", "0.0.0.0")
+    publishers.append(vllm.ZmqEventPublisher(0, endpoint=again, replay_endpoint=None))
     warnings = [r for r in caplog.records if "without CURVE" in r.getMessage()]
     assert len(warnings) == 1 and "0.0.0.0" in warnings[0].getMessage()
+
+
+def test_a_restart_over_curve_is_reported_once_and_nothing_is_spliced(
+    keys, publishers, monkeypatch
+) -> None:
+    """The delivery contract's restart rule over CURVE: a publisher restarted in place (same
+    keys) is a new epoch, delivered from its seq 0, reported once."""
+    monkeypatch.setenv(security.ENV_SERVER_SECRET, str(keys["server_secret"]))
+    monkeypatch.setenv(security.ENV_ALLOWED_CLIENTS, str(keys["allowed"]))
+    live, replay = stable_tcp(), stable_tcp()
+    first = vllm.ZmqEventPublisher(0, endpoint=live, replay_endpoint=replay)
+    publishers.append(first)  # shut down in the test; again at teardown is a no-op
+    client = CurveClient.from_files(keys["client_secret"], keys["server_public"])
+    notices: list = []
+    with Subscriber(live, replay, curve=client, on_notice=notices.append) as sub:
+        time.sleep(0.3)
+        for n in range(20):
+            first.publish(batch(n))
+        got = received(sub, 20, timeout=10)
+        first.shutdown()
+        second = vllm.ZmqEventPublisher(0, endpoint=live, replay_endpoint=replay, bind=True)
+        publishers.append(second)
+        sent = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "reset" not in [n.kind for n in notices]:
+            second.publish(batch(1000 + sent))
+            sent += 1
+            got += sub.poll(0.001)
+            time.sleep(0.001)
+        got += received(sub, 20 + sent - len(got), timeout=10)
+    assert [n.kind for n in notices].count("reset") == 1
+    assert [(d.seq, d.epoch) for d in got[:20]] == [(n, 0) for n in range(20)]
+    assert [(d.seq, d.epoch) for d in got[20:]] == [(n, 1) for n in range(sent)]

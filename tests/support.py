@@ -3,6 +3,10 @@ clients written the way vLLM's own tests consume (SUB for live, DEALER for repla
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -15,6 +19,34 @@ from kvevents import frames
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDENS = ROOT / "tests" / "goldens"
+
+
+def start_command(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`kvevents ARGS...` as a process of the checkout, its stderr kept for the test."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvevents", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+
+
+def stop_command(process: subprocess.Popen[bytes]) -> str:
+    """Interrupt it as a user would (SIGINT), kill it after 15 s; what it wrote to stderr."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    assert process.stderr is not None
+    if process.stderr.closed:
+        return ""  # stopped before (e.g. to show why a wait failed)
+    err = process.stderr.read().decode(errors="replace")
+    process.stderr.close()
+    return err
 
 
 def stable_tcp() -> str:

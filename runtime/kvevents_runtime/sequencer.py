@@ -489,13 +489,20 @@ class Sequencer:
             # The first answer names the instance. After a reconnect, what was delivered or
             # held before it may be another instance's (a restart before the join handshake).
             self.anchored = not self.suspect or not (expected or self.pending or self.held)
-        unanchored = not self.anchored and (self.instance is None or instance == self.instance)
-        if unanchored and (
+        changed = self.instance is not None and instance != self.instance
+        unanchored = not self.anchored and not changed
+        # Unanchored, everything delivered or pending arrived before this answer was asked
+        # for: an instance that has not reached those seqs yet is not the one that sent them.
+        behind = unanchored and (
             (expected or 0) > next_seq or any(seq >= next_seq for seq in self.pending)
-        ):
-            # Everything delivered or pending arrived before this answer was asked for: an
-            # instance that has not reached those seqs yet is not the one that sent them.
-            self._restart("the publisher's next seq is behind what was received", False, out)
+        )
+        if changed or behind:
+            reason = (
+                "the publisher's instance changed"
+                if changed
+                else "the publisher's next seq is behind what was received"
+            )
+            self._restart(reason, False, out)
             self.instance = instance
             self.anchored = True
             self.known_next = next_seq
@@ -503,17 +510,7 @@ class Sequencer:
                 self.expected = 0
                 self._request_replay(out)
             return
-        if self.instance is None or instance == self.instance:
-            self.known_next = max(self.known_next, next_seq)
-        if self.instance is not None and instance != self.instance:
-            self._restart("the publisher's instance changed", False, out)
-            self.instance = instance
-            self.anchored = True
-            self.known_next = next_seq
-            if self.can_replay:
-                self.expected = 0
-                self._request_replay(out)
-            return
+        self.known_next = max(self.known_next, next_seq)
         self.instance = instance
         if header:
             # A replay starts at the last seq delivered: its bytes there anchor the instance.

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,36 +13,12 @@ from typing import Any
 import pytest
 
 from kvevents import stable_port
-from tests.support import wait_until
+from tests.support import start_command, stop_command, wait_until
 
 from .fleetkit import BLOCK, Fleet
 
 ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("uvicorn", reason="the index service needs kvevents[index]")
-
-
-def _start(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kvevents", *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-def _stop(process: subprocess.Popen[bytes]) -> str:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-    assert process.stderr is not None
-    err = process.stderr.read().decode(errors="replace")
-    process.stderr.close()
-    return err
 
 
 def _call(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -69,10 +43,10 @@ def test_bridge_and_replica_commands(nats_server) -> None:
         for spec in fleet.specs():
             bridge_args += ["--engine", spec.endpoint, "--replay", str(spec.replay_endpoint)]
             bridge_args += ["--worker-id", str(spec.worker_id), "--model", spec.model]
-        processes.append(_start(*bridge_args))
+        processes.append(start_command(*bridge_args))
         port = stable_port()
         processes.append(
-            _start(
+            start_command(
                 "index",
                 "--port",
                 str(port),
@@ -130,7 +104,7 @@ def test_bridge_and_replica_commands(nats_server) -> None:
         assert f'kvevents_index_fleet_lag{{model_name="{fleet.model}"}} 0.0' in metrics
     finally:
         for process in processes:
-            errors.append(_stop(process))
+            errors.append(stop_command(process))
         fleet.close()
     assert not any("Traceback" in e for e in errors), errors
 

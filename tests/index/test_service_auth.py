@@ -149,17 +149,13 @@ def test_a_source_registered_with_its_curve_key_is_indexed_and_a_plain_one_is_no
 def test_the_command_serves_https_with_tokens_from_the_environment(tmp_path) -> None:
     """`kvevents index --tls-cert --tls-key` as a process, its tokens from the environment:
     the API answers over TLS, 401 without the token, 200 with it; plain HTTP gets nothing."""
-    import os
-    import signal
     import ssl
-    import subprocess
-    import sys
 
     trustme = pytest.importorskip(
         "trustme", reason="the TLS test makes its certificates with trustme"
     )
     from bench.impls import free_port
-    from tests.support import ROOT
+    from tests.support import start_command, stop_command
 
     authority = trustme.CA()
     certificate = authority.issue_cert("127.0.0.1")
@@ -169,13 +165,9 @@ def test_the_command_serves_https_with_tokens_from_the_environment(tmp_path) -> 
     client_context = ssl.create_default_context()
     authority.configure_trust(client_context)
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kvevents", "index", "--port", str(port)]
-        + ["--tls-cert", str(cert_file), "--tls-key", str(key_file)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "KVEVENTS_INDEX_TOKENS": ADMIN},
+    process = start_command(
+        *("index", "--port", str(port), "--tls-cert", str(cert_file), "--tls-key", str(key_file)),
+        env={"KVEVENTS_INDEX_TOKENS": ADMIN},
     )
 
     def get(token: str | None) -> int:
@@ -195,7 +187,7 @@ def test_the_command_serves_https_with_tokens_from_the_environment(tmp_path) -> 
             return False
 
     try:
-        assert wait_until(up, 20, 0.1), process.stderr.read1(4096) if process.poll() else ""
+        assert wait_until(up, 20, 0.1), stop_command(process)
         assert get(None) == 401
         plain = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         with pytest.raises((OSError, http.client.HTTPException)):
@@ -203,11 +195,4 @@ def test_the_command_serves_https_with_tokens_from_the_environment(tmp_path) -> 
             plain.getresponse()
         plain.close()
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        if process.stderr:
-            process.stderr.close()
+        stop_command(process)

@@ -67,6 +67,19 @@ def received(sub: Subscriber, count: int, timeout: float) -> list:
     return got
 
 
+def published_while_polling(publisher, sub: Subscriber, seconds: float) -> list:
+    """Publish a batch every poll for `seconds` (a joiner that can get in sees some); what
+    the subscriber delivered."""
+    deadline = time.monotonic() + seconds
+    got: list = []
+    n = 0
+    while time.monotonic() < deadline:
+        publisher.publish(batch(n))
+        n += 1
+        got += sub.poll(0.02)
+    return got
+
+
 def test_make_keys_writes_a_pair_zmq_auth_can_read(tmp_path: Path) -> None:
     public, secret = make_keys(tmp_path, "node")
     assert zmq.auth.load_certificate(str(public))[1] is None
@@ -112,13 +125,7 @@ def test_a_client_that_is_not_allowed_receives_nothing_and_is_counted(
         curve=curve,
         idle_probe=0.2,
     ) as sub:
-        deadline = time.monotonic() + 1.5
-        got: list = []
-        n = 0
-        while time.monotonic() < deadline:
-            curve_publisher.publish(batch(n))
-            n += 1
-            got += sub.poll(0.02)
+        got = published_while_polling(curve_publisher, sub, seconds=1.5)
         refused = curve_publisher.counters()["curve_refused"]
     assert got == []
     if who == "stranger":
@@ -130,13 +137,7 @@ def test_a_client_with_the_wrong_server_key_receives_nothing(keys, curve_publish
     with Subscriber(
         curve_publisher.connect_endpoint, curve_publisher.connect_replay_endpoint, curve=client
     ) as sub:
-        deadline = time.monotonic() + 1.5
-        got: list = []
-        n = 0
-        while time.monotonic() < deadline:
-            curve_publisher.publish(batch(n))
-            n += 1
-            got += sub.poll(0.02)
+        got = published_while_polling(curve_publisher, sub, seconds=1.5)
     assert got == []
 
 

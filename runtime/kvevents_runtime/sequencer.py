@@ -384,6 +384,11 @@ class Sequencer:
     def _start(self, out: Actions) -> None:
         if self.can_replay and self.join == "start":
             self.expected = 0
+            # Live batches wait for the publisher's first answer (the join handshake): one
+            # delivered before it could belong to an instance that has already been replaced,
+            # and a publisher's buffer need not reach back far enough to tell.
+            self.suspect = True
+            self.held = {}
             self._repair(out)
 
     def _reconnected(self, out: Actions) -> None:
@@ -485,10 +490,14 @@ class Sequencer:
             self.outstanding = None
         self.info_supported = True
         expected = self.expected
-        if self.instance is None:
-            # The first answer names the instance. After a reconnect, what was delivered or
-            # held before it may be another instance's (a restart before the join handshake).
-            self.anchored = not self.suspect or not (expected or self.pending or self.held)
+        first = self.instance is None
+        if first:
+            # The first answer names the instance. After a reconnect, what was delivered
+            # before it may be another instance's (a restart before the join handshake).
+            self.anchored = not self.suspect or not expected
+        # Batches held since before the first answer may be another instance's too: they are
+        # placed by the replay's bytes rather than delivered as they are.
+        place_held = first and self.suspect and bool(self.pending or self.held)
         changed = self.instance is not None and instance != self.instance
         unanchored = not self.anchored and not changed
         # Unanchored, everything delivered or pending arrived before this answer was asked
@@ -527,7 +536,7 @@ class Sequencer:
             # ones delivered under it reveal a new instance (`_reply`), and what arrived since
             # is placed by the replay's bytes like batches held across a restart.
             self.verifying = unanchored
-            if unanchored and (self.pending or self.held):
+            if (unanchored or place_held) and (self.pending or self.held):
                 self.unverified = _in_arrival_order(self.unverified or {}, self.pending, self.held)
                 self.pending.clear()
                 self.held = {}

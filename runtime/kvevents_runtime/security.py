@@ -172,13 +172,32 @@ class _Zap:
 
     def __init__(self, context: zmq.Context) -> None:
         self.authenticator = ThreadAuthenticator(context, log=logger)
-        self.authenticator.start()
+        _start_daemonic(self.authenticator)
         self.servers: dict[str, CurveServer] = {}
 
     def add(self, server: CurveServer) -> None:
         if server.domain not in self.servers:
             self.servers[server.domain] = server
             self.authenticator.configure_curve_callback(server.domain, server)
+
+
+def _start_daemonic(authenticator: ThreadAuthenticator) -> None:
+    """Start it from a daemon thread. pyzmq 25 makes its ZAP thread non-daemonic, and a
+    process that never stopped it hung at exit (CI's lowest-versions run). A thread takes its
+    daemon status from the thread that creates it."""
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            authenticator.start()
+        except BaseException as exc:  # re-raised on the caller's thread
+            failed.append(exc)
+
+    starter = threading.Thread(target=start, name="kvevents-zap-start", daemon=True)
+    starter.start()
+    starter.join()
+    if failed:
+        raise failed[0]
 
 
 _zaps: weakref.WeakKeyDictionary[zmq.Context, _Zap] = weakref.WeakKeyDictionary()

@@ -531,6 +531,10 @@ class Sequencer:
         self.want_replay = False
         if self.expected is None:
             return
+        if not self.unverified:
+            # Nothing awaits placement, and the replay that was to end the placing was given
+            # up (a reconnect): left empty, it would keep the fast path and any snapshot off.
+            self.unverified = None
         if self.pending or self.unverified or self.held or self.expected < next_seq or unanchored:
             # Unanchored, the replay starts at the last seq delivered: bytes other than the
             # ones delivered under it reveal a new instance (`_reply`), and what arrived since

@@ -332,15 +332,24 @@ def simulate(args: argparse.Namespace) -> int:
             return _fail("simulate", "--png needs its extra: pip install 'kvevents[plot]'")
         if not png.parent.is_dir():
             return _fail("simulate", f"--png {png}: no directory {png.parent}")
+    if args.offline and (args.faults or args.fleet):
+        return _fail(
+            "simulate", "--offline has no sockets to fault or bridge: drop --faults/--fleet"
+        )
+    if args.compare_dynamo and not args.trace:
+        return _fail("simulate", "--compare-dynamo replays a trace: give --trace")
     options = sim.Options(
         workers=args.workers,
         block_size=args.block_size,
         capacity_blocks=args.capacity,
         dialect=args.dialect,
         seed=args.seed,
+        overlap_weight=args.overlap_weight,
+        budgets=sim.Budgets(args.max_num_batched_tokens, args.max_num_seqs),
         check_every=args.check_every,
         faults=args.faults,
         fleet=args.fleet,
+        offline=args.offline,
         progress=not args.json,
     )
     if args.trace:
@@ -358,10 +367,30 @@ def simulate(args: argparse.Namespace) -> int:
         requests = list(sim.synthetic(args.limit or 2000, args.seed))
         title = f"synthetic, {len(requests):,} requests, {args.workers} workers"
     results = sim.run_policies(policies, requests, options)
+    theirs: list[dict[str, Any]] = []
+    if args.compare_dynamo:
+        from . import simdynamo
+
+        for policy in policies:
+            if policy not in simdynamo.MODES:
+                continue  # Dynamo's replay routes round robin or by its KV router only
+            try:
+                theirs.append(
+                    simdynamo.replay(
+                        Path(args.trace), policy, options, args.limit, args.dynamo_path
+                    )
+                )
+            except simdynamo.DynamoUnavailable as exc:
+                return _fail("simulate", str(exc))
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps({"kvevents": results, "dynamo": theirs} if theirs else results, indent=1))
     else:
         print(sim.table(results))
+        if theirs:
+            from . import simdynamo
+
+            print()
+            print(simdynamo.comparison_table(results, theirs))
     uncached = max(r["uncached_requests"] for r in results)
     if uncached:
         print(
@@ -371,8 +400,16 @@ def simulate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if png is not None:
-        sim.chart(results, png, title)
+        sim.chart(results, png, title, theirs)
         print(f"kvevents simulate: chart written to {png}", file=sys.stderr)
+    behind = [r["policy"] for r in results if not r["caught_up"]]
+    if behind:
+        print(
+            f"kvevents simulate: the index had not caught up at the check ({', '.join(behind)}); "
+            "what each stream still owed is under 'behind' in --json",
+            file=sys.stderr,
+        )
+        return 1
     mismatched = [r for r in results if r["mismatches"] and not r["stale_workers"]]
     if mismatched:
         print(
@@ -677,6 +714,46 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="seed of the synthetic workload and the random policy (default 0)",
+    )
+    p_sim.add_argument(
+        "--overlap-weight",
+        type=_number(float, 0),
+        default=1.0,
+        help="the KV router's weight of blocks still to prefill against active blocks "
+        "(Dynamo's overlap_score_weight; default 1.0)",
+    )
+    p_sim.add_argument(
+        "--max-num-batched-tokens",
+        type=_POSITIVE,
+        default=8192,
+        metavar="N",
+        help="each engine pass's token budget (chunked prefill; vLLM's default 8192)",
+    )
+    p_sim.add_argument(
+        "--max-num-seqs",
+        type=_POSITIVE,
+        default=256,
+        metavar="N",
+        help="sequences an engine runs at once (vLLM's default 256)",
+    )
+    p_sim.add_argument(
+        "--offline",
+        action="store_true",
+        help="hand each engine's batches straight to an in-memory index (no sockets; the "
+        "equality check still runs): fast; the default socket mode proves the real path",
+    )
+    p_sim.add_argument(
+        "--compare-dynamo",
+        action="store_true",
+        help="also run NVIDIA Dynamo's own replay of the trace (its mocker and router, same "
+        "engine shape) for round_robin and kv and print both tables; needs dynamo importable "
+        "(pip install ai-dynamo-runtime==1.6.1) or --dynamo-path",
+    )
+    p_sim.add_argument(
+        "--dynamo-path",
+        metavar="DIR",
+        help="a folder holding the unpacked ai-dynamo-runtime wheel (default: "
+        "KVEVENTS_DYNAMO_PATH, else the running interpreter's own)",
     )
     p_sim.add_argument(
         "--check-every",

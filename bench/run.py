@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import codec, curve, fleet, index, live, mock, replay, rss, shapes, snapshot
+from . import codec, curve, fleet, index, live, mock, replay, rss, shapes, simulate, snapshot
 from .agent import Agent
 from .impls import PAIRS, RAW_SENDERS, Impl, encode_all, load_impls
 from .stats import Figure
@@ -46,6 +46,8 @@ class Settings:
     fleet_bootstrap_blocks: int = 1_000_000
     curve_batches: int = 50_000
     """Batches of each CURVE-against-plain row (shape b)."""
+    simulate_limit: int | None = None
+    """Requests of the Mooncake trace the simulator section replays (None: all)."""
 
     @classmethod
     def quick(cls) -> Settings:
@@ -62,6 +64,7 @@ class Settings:
             fleet_batches=3_000,
             fleet_bootstrap_blocks=100_000,
             curve_batches=5_000,
+            simulate_limit=500,
         )
 
 
@@ -241,7 +244,18 @@ def machine() -> dict[str, Any]:
     }
 
 
-SECTIONS = ("codec", "live", "replay", "rss", "snapshot", "index", "mock", "fleet", "curve")
+SECTIONS = (
+    "codec",
+    "live",
+    "replay",
+    "rss",
+    "snapshot",
+    "index",
+    "mock",
+    "fleet",
+    "curve",
+    "simulate",
+)
 """What `python -m bench --only` can select; `live` measures publishers and subscribers."""
 
 
@@ -297,5 +311,8 @@ def run_all(settings: Settings, only: frozenset[str] | None = None) -> dict[str,
         finally:
             agent.close()
         _log("CURVE against plain done")
+    if "simulate" in wanted:
+        results["simulate"] = simulate.measure(settings.simulate_limit)
+        _log("simulate against Dynamo's replay done")
     results["seconds"] = time.monotonic() - started
     return results

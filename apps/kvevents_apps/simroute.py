@@ -16,7 +16,6 @@ temperature 0.
 from __future__ import annotations
 
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 
 
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 class WorkerLoad:
     prefill_tokens: int = 0
     """Uncached prompt tokens of routed requests whose first token has not come."""
-    blocks: Counter[int] = field(default_factory=Counter)
+    blocks: dict[int, int] = field(default_factory=dict)
     """Prompt block hash -> routed unfinished requests holding it."""
     pending_prefill: dict[int, int] = field(default_factory=dict)
     """request -> the prefill tokens it added (until its first token)."""
@@ -62,7 +61,10 @@ class DynamoCost:
         uncached = max(0, tokens - overlap_blocks * self.block_size)
         load.prefill_tokens += uncached
         load.pending_prefill[request] = uncached
-        load.blocks.update(set(hashes))
+        blocks = load.blocks
+        get = blocks.get
+        for h in hashes:  # chained hashes: all distinct
+            blocks[h] = get(h, 0) + 1
         load.holding[request] = hashes
 
     def first_token(self, request: int, worker: int) -> None:
@@ -76,7 +78,7 @@ class DynamoCost:
         if hashes is None:
             return
         blocks = load.blocks
-        for h in set(hashes):
+        for h in hashes:
             left = blocks[h] - 1
             if left:
                 blocks[h] = left

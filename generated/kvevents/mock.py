@@ -45,10 +45,12 @@ def MockEngine(  # noqa: N802  (a factory named as the class it returns)
     publish: bool = True,
     medium: str = "GPU",
     sink: Callable[[Any], None] | None = None,
+    coalesce_removals: bool | None = None,
 ) -> _RuntimeMockEngine:
     """An engine of `capacity_blocks` blocks publishing in `dialect` (with `publish=False`,
     the cache alone, for brute-force comparisons and benchmarks; with `sink` as well, each
-    step's batch of canonical events handed to it, no socket in the way)."""
+    step's batch of canonical events handed to it, no socket in the way). `coalesce_removals`:
+    one BlockRemoved per step rather than per block (None: as the dialect's engine does)."""
     cls = _publisher_class(dialect)
 
     def make_publisher(live: str, replay: str | None) -> Any:
@@ -70,7 +72,7 @@ def MockEngine(  # noqa: N802  (a factory named as the class it returns)
         capacity_blocks,
         block_size,
         signed_hashes=HASH_FORMS[dialect],
-        coalesce_removals=HASH_FORMS[dialect],
+        coalesce_removals=HASH_FORMS[dialect] if coalesce_removals is None else coalesce_removals,
         medium=medium,
         sink=sink,
         endpoint=endpoint,

@@ -55,7 +55,7 @@ class Budgets:
 class Job:
     ident: int
     arrival_ms: float
-    tokens: list[int]
+    tokens: Sequence[int]
     hashes: list[int]
     output_tokens: int
     allocation: Any = None

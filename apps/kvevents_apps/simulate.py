@@ -38,6 +38,7 @@ import random
 import statistics
 import sys
 import time
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,8 @@ TRACE_BLOCK = 512
 class Request:
     index: int
     arrival_ms: float
-    tokens: list[int]
+    tokens: list[int] | array
+    """Token ids: a list, or an `array("I")` (a whole trace of lists is gigabytes)."""
     output_tokens: int
 
 
@@ -72,7 +74,8 @@ class TraceError(ValueError):
 
 def mooncake(path: Path, limit: int | None = None) -> Iterator[Request]:
     """A Mooncake trace, each hash id expanded to 512 deterministic token ids (id·512 + i, so
-    requests sharing ids share exactly those tokens), cut to `input_length`. A line that is
+    requests sharing ids share exactly those tokens), cut to `input_length`, held as
+    `array("I")` (4 bytes an id: the whole conversation trace is 144M ids). A line that is
     not such a row raises TraceError."""
     with path.open(encoding="utf-8", errors="replace") as lines:
         for number, line in enumerate(lines):
@@ -82,17 +85,18 @@ def mooncake(path: Path, limit: int | None = None) -> Iterator[Request]:
                 continue
             try:
                 row = json.loads(line)
-                tokens: list[int] = []
-                for hash_id in row["hash_ids"]:
+                hash_ids = row["hash_ids"]
+                length = int(row["input_length"])
+                tokens = array("I")
+                for hash_id in hash_ids:
+                    if len(tokens) >= length:
+                        break
                     base = int(hash_id) * TRACE_BLOCK + 1
-                    tokens.extend(range(base, base + TRACE_BLOCK))
+                    tokens.extend(range(base, base + min(TRACE_BLOCK, length - len(tokens))))
                 request = Request(
-                    number,
-                    float(row["timestamp"]),
-                    tokens[: int(row["input_length"])],
-                    int(row["output_length"]),
+                    number, float(row["timestamp"]), tokens, int(row["output_length"])
                 )
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
                 reason = f"no {exc}" if isinstance(exc, KeyError) else str(exc).split("\n")[0]
                 raise TraceError(
                     f"{path}:{number + 1}: not a Mooncake trace row (JSON with timestamp, "

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import heapq
 import struct
+import sys
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,12 +89,19 @@ class Allocation:
         return len(self.blocks) - self.cached
 
 
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
 def chained_hashes(
-    tokens: Sequence[int], block_size: int, lora_name: str | None = None
+    tokens: Sequence[int] | array, block_size: int, lora_name: str | None = None
 ) -> list[int]:
-    """The engine-side chained hash of every complete block of `tokens`."""
+    """The engine-side chained hash of every complete block of `tokens` (a list of ids, or
+    an `array("I")` of them)."""
     seed = block_seed(lora_name) if lora_name else 0
-    packed = struct.pack(f"<{len(tokens)}I", *tokens)
+    if isinstance(tokens, array) and tokens.typecode == "I" and _LITTLE_ENDIAN:
+        packed = tokens.tobytes()  # a long prompt's ids, without one int object each
+    else:
+        packed = struct.pack(f"<{len(tokens)}I", *tokens)
     width = 4 * block_size
     out = []
     parent = 0

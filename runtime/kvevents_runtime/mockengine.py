@@ -65,12 +65,14 @@ class TimingModel:
 class Block:
     __slots__ = ("alive", "children", "hash", "last_use", "parent", "refs")
 
-    def __init__(self, block_hash: int, parent: Block | None) -> None:
+    def __init__(
+        self, block_hash: int, parent: Block | None, refs: int, last_use: int, children: int
+    ) -> None:
         self.hash = block_hash
         self.parent = parent
-        self.children = 0
-        self.refs = 0
-        self.last_use = 0
+        self.children = children
+        self.refs = refs
+        self.last_use = last_use
         self.alive = True
 
 
@@ -250,24 +252,22 @@ class MockEngine:
                     self._maybe_evictable(block)
                 return None
         self._clock += 1
-        blocks: list[Block] = []
-        parent: Block | None = None
-        for block_hash in hashes[:cached]:
-            block = cache[block_hash]
+        clock = self._clock
+        blocks = [cache[h] for h in hashes[:cached]]
+        for block in blocks:
             block.refs += 1
-            block.last_use = self._clock
-            blocks.append(block)
-            parent = block
-        first_new = parent
-        for block_hash in hashes[cached:]:
-            block = Block(block_hash, parent)
-            block.refs = 1
-            block.last_use = self._clock
+            block.last_use = clock
+        first_new = parent = blocks[-1] if blocks else None
+        if needed:
             if parent is not None:
                 parent.children += 1
-            cache[block_hash] = block
-            blocks.append(block)
-            parent = block
+            # Each new block is pinned by this request and, but for the last, the next one's
+            # parent: made with those counts rather than counted up one by one.
+            for block_hash in hashes[cached:]:
+                parent = block = Block(block_hash, parent, 1, clock, 1)
+                cache[block_hash] = block
+                blocks.append(block)
+            blocks[-1].children = 0
         if needed:
             size = self.block_size
             # Removals this admission caused come first: a block evicted and stored again in
@@ -275,7 +275,9 @@ class MockEngine:
             self._flush_removed()
             self._pending.append(
                 self._events.BlockStored(
-                    block_hashes=[self.wire_hash(h) for h in hashes[cached:]],
+                    block_hashes=[self.wire_hash(h) for h in hashes[cached:]]
+                    if self.signed
+                    else hashes[cached:],
                     parent_block_hash=None if first_new is None else self.wire_hash(first_new.hash),
                     token_ids=list(tokens[cached * size : len(hashes) * size]),
                     block_size=size,
@@ -291,10 +293,12 @@ class MockEngine:
         if allocation.generation != self.generation:
             return  # the cache was cleared or the engine restarted under it
         self._clock += 1
+        clock = self._clock
         for block in reversed(allocation.blocks):
             block.refs -= 1
-            block.last_use = self._clock
-            self._maybe_evictable(block)
+            block.last_use = clock
+            if not block.refs and not block.children:  # only a leaf can become evictable
+                self._maybe_evictable(block)
 
     def _maybe_evictable(self, block: Block) -> None:
         if block.alive and block.refs == 0 and block.children == 0:
@@ -316,20 +320,24 @@ class MockEngine:
 
     def _evict(self, count: int) -> int:
         heap = self._heap
+        cache = self.cache
+        removed = self._removed
+        signed = self.signed
         freed = 0
         while freed < count and heap:
             entry = heapq.heappop(heap)
-            if not self._valid(entry):
-                continue  # used, pinned or given a child since it was pushed
             block = entry[2]
+            if block.refs or block.children or not block.alive or block.last_use != entry[0]:
+                continue  # used, pinned or given a child since it was pushed (`_valid`)
             block.alive = False
-            del self.cache[block.hash]
-            self._removed.append(self.wire_hash(block.hash))
+            del cache[block.hash]
+            removed.append(self.wire_hash(block.hash) if signed else block.hash)
             freed += 1
             parent = block.parent
             if parent is not None:
                 parent.children -= 1
-                self._maybe_evictable(parent)
+                if not parent.children and not parent.refs:
+                    self._maybe_evictable(parent)
         self.counters["evicted"] += freed
         return freed
 

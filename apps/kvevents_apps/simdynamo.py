@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .simulate import TRACE_BLOCK, Options
+from .simulate import TRACE_BLOCK, Options, ms_text
 
 MODES = {"round_robin": "round_robin", "kv": "kv_router"}
 """Our policies that Dynamo's replay has (it routes only round robin or by its KV router)."""
@@ -144,11 +144,7 @@ def comparison_table(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -
         for name, row, shown in (("kvevents", mine, ratio), ("Dynamo 1.6.1", other, "")):
             lines.append(
                 f"| {mine['policy']} | {name} | {row['prefix_hit_rate']:.3f} | "
-                f"{_ms(row['ttft_mean_ms'])} | {_ms(row['ttft_p50_ms'])} | "
-                f"{_ms(row['ttft_p99_ms'])} | {shown} | {row['wall_s']:.1f} |"
+                f"{ms_text(row['ttft_mean_ms'])} | {ms_text(row['ttft_p50_ms'])} | "
+                f"{ms_text(row['ttft_p99_ms'])} | {shown} | {row['wall_s']:.1f} |"
             )
     return "\n".join(lines)
-
-
-def _ms(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:,.0f}"

@@ -617,15 +617,15 @@ def table(results: list[dict[str, Any]]) -> str:
         per_pass = r.get("requests_per_pass")
         lines.append(
             f"| {r['policy']} | {r['prefix_hit_rate']:.3f} | {r['prefill_tokens']:,} | "
-            f"{_ms(r['ttft_mean_ms'])} | {_ms(r['ttft_p50_ms'])} | {_ms(r['ttft_p99_ms'])} | "
-            f"{_ms(r.get('wait_mean_ms'))} | {'n/a' if per_pass is None else f'{per_pass:.2f}'} | "
+            f"{ms_text(r['ttft_mean_ms'])} | {ms_text(r['ttft_p50_ms'])} | {ms_text(r['ttft_p99_ms'])} | "
+            f"{ms_text(r.get('wait_mean_ms'))} | {'n/a' if per_pass is None else f'{per_pass:.2f}'} | "
             f"{_rate(r['requests_per_s'])} | {r['mismatches']} | "
             f"{', '.join(map(str, r['stale_workers'])) or 'none'} |"
         )
     return "\n".join(lines)
 
 
-def _ms(value: float | None) -> str:
+def ms_text(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.0f}"
 
 

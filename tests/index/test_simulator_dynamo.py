@@ -1,7 +1,8 @@
 """`kvevents simulate` tracks NVIDIA Dynamo's own replay (ai-dynamo-runtime 1.6.1's mocker and
 router, fetched at test time) on a slice of the Mooncake conversation trace: mean TTFT within
 10% and prefix hit rate within 0.02, for round robin and KV routing at 4, 8 and 16 workers
-(offline), and for KV routing through the real sockets at 8. Skipped, with the reason, when
+(offline), for KV routing at overlap weights 0, 0.5 and 2 (8 workers), and for KV routing
+through the real sockets at 8. Skipped, with the reason, when
 the wheel cannot be fetched or the trace is not beside the checkout."""
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ def test_the_simulator_tracks_dynamos_replay(
     assert ours["mismatches"] == 0
     ratio = ours["ttft_mean_ms"] / theirs["ttft_mean_ms"]
     assert abs(ratio - 1) <= 0.10, (ours["ttft_mean_ms"], theirs["ttft_mean_ms"])
+    assert abs(ours["prefix_hit_rate"] - theirs["prefix_hit_rate"]) <= 0.02
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 2.0])
+def test_the_kv_router_tracks_dynamos_at_other_overlap_weights(
+    dynamo_path: str, requests: list[sim.Request], weight: float
+) -> None:
+    options = sim.Options(workers=8, progress=False, offline=True, overlap_weight=weight)
+    ours = asyncio.run(sim.Simulation("kv", requests, options).run())
+    theirs = simdynamo.replay(TRACE, "kv", options, limit=SLICE, dynamo_path=dynamo_path)
+    assert abs(ours["ttft_mean_ms"] / theirs["ttft_mean_ms"] - 1) <= 0.10
     assert abs(ours["prefix_hit_rate"] - theirs["prefix_hit_rate"]) <= 0.02
 
 

@@ -63,6 +63,14 @@ class Request:
     tokens: list[int] | array
     """Token ids: a list, or an `array("I")` (a whole trace of lists is gigabytes)."""
     output_tokens: int
+    _hashes: tuple[int, array] | None = field(default=None, repr=False, compare=False)
+    """(block size, the engine's chained block hashes), kept across the policies of a run
+    (8 bytes a block)."""
+
+    def block_hashes(self, block_size: int) -> list[int]:
+        if self._hashes is None or self._hashes[0] != block_size:
+            self._hashes = (block_size, array("Q", chained_hashes(self.tokens, block_size)))
+        return self._hashes[1].tolist()
 
 
 # -- workloads ------------------------------------------------------------------------
@@ -377,7 +385,7 @@ class Simulation:
                 await self._fault(fault_points[arrived], now, arrived)
             if arrived > self.stall_until:
                 await self.live.step(0)
-            hashes = chained_hashes(request.tokens, self.options.block_size)
+            hashes = request.block_hashes(self.options.block_size)
             number = self._route(request, hashes)
             worker = self.workers[number]
             worker.scheduler.add(

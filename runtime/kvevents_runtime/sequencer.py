@@ -643,6 +643,16 @@ class Sequencer:
 
     def _timeout(self, out: Actions) -> None:
         kind, self.outstanding = self.outstanding, None
+        if kind == "info" and self.suspect and self.info_supported:
+            # A publisher that said who it was before and is silent after a reconnect is
+            # most likely restarting (its replay socket not bound yet): releasing the hold
+            # would splice the new instance's batches onto the old epoch (CI saw it on a
+            # loaded machine). Hold on (bounded by `max_buffered`; a replay or a lost range
+            # covers what does not fit) and ask again.
+            self.outstanding = "info"
+            out.append(Counted("info_unanswered"))
+            out.append(RequestInfo())
+            return
         self.verifying = False
         if kind == "info" and self.info_supported is None:
             self.info_supported = False

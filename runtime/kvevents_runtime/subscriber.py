@@ -98,6 +98,7 @@ STAT_NAMES = (
     "snapshots",
     "snapshots_abandoned",
     "holds",
+    "info_unanswered",
 )
 
 

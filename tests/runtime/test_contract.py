@@ -209,10 +209,11 @@ class World:
         """The request in flight got no answer in time (after its retries)."""
         if self.request is None and self.session is None:
             return
-        if isinstance(self.asked, RequestInfo):
-            # A publisher that does not answer info is taken for one that cannot (an upstream
+        if isinstance(self.asked, RequestInfo) and not self.sequencer.info_supported:
+            # A publisher that never answered info is taken for one that cannot (an upstream
             # one), whose restarts only a backward seq reveals: the contract with restarts is
-            # stated for publishers that say who they are. Sessions time out; info does not.
+            # stated for publishers that say who they are. Once one has answered, its info
+            # requests may expire too (a restart in progress: CI saw the hold released then).
             return
         self.request = self.session = None
         self.run(self.sequencer.timeout())
@@ -495,6 +496,17 @@ def play(
 
 @SCHEDULES
 @given(capacity=st.integers(1, 12), schedule=steps)
+# CI (a loaded machine): the info request after a restart went unanswered through its retries
+# and the hold was released, splicing the new instance onto the old epoch.
+@example(
+    capacity=1,
+    schedule=[
+        ("restart", 1, False, False, False),
+        ("publish", False, 1),
+        ("arrive", 1),
+        ("expire",),
+    ],
+)
 def test_the_contract_holds_with_a_publisher_that_says_who_it_is(
     capacity: int, schedule: list[tuple]
 ) -> None:

@@ -335,3 +335,51 @@ def test_the_contract_holds_with_the_real_publisher(schedule) -> None:
         assert covered >= set(range(sent[instance])), (
             "a seq of the last instance neither delivered nor lost"
         )
+
+
+def test_a_restart_whose_replay_socket_is_silent_is_held_not_spliced(publishers) -> None:
+    """The new instance's live socket is up but its replay socket answers nothing for longer
+    than every retry (a restart in progress, or a loaded machine: CI saw it). The subscriber
+    held live batches, gave up on info after its retries, released the hold, and spliced the
+    new instance's batches past the old seq onto the old epoch. Now it holds on and asks
+    again, counting each unanswered round; the new instance is delivered only as a new epoch."""
+    live, replay = stable_tcp(), stable_tcp()
+    first = vllm.ZmqEventPublisher(0, live, replay, bind=True)
+    ctx = zmq.Context.instance()
+    with Subscriber(live, replay, replay_timeout=0.2, replay_attempts=1, idle_probe=None) as sub:
+        for n in range(50):
+            first.publish(batch(n))
+        got = collect(sub, lambda g: len(g) >= 50)
+        assert [d.seq for d in got] == list(range(50))
+        first.shutdown()
+        silent = ctx.socket(zmq.ROUTER)  # binds the replay port and never answers
+        silent.linger = 0
+        # libzmq releases the old listener on its own thread: the port may be taken a moment.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                silent.bind(replay)
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        second = vllm.ZmqEventPublisher(0, live, None, bind=True)
+        publishers.append(second)
+        try:
+            started = time.monotonic()
+            sent = 0
+            while time.monotonic() < started + 1.5:  # past the old seq, many retries long
+                second.publish(batch(sent, instance=1))
+                sent += 1
+                got += sub.poll(0.001)
+            got += collect(sub, lambda g: False, timeout=0.3)
+            unanswered = sub.stats["info_unanswered"]
+        finally:
+            silent.close()
+    assert sent > 100
+    assert [(d.seq, d.epoch) for d in got] == [(n, 0) for n in range(50)], (
+        "a batch delivered while the instance was unknown"
+    )
+    assert all(d.batch.ts < 1_000_000 for d in got)
+    assert unanswered >= 2, "the silence was not counted round by round"

@@ -59,6 +59,7 @@ def replay(
     if policy not in MODES:
         raise ValueError(f"Dynamo's replay has no policy {policy!r} (it has {sorted(MODES)})")
     dynamo_path = dynamo_path or os.environ.get("KVEVENTS_DYNAMO_PATH")
+    trace = trace.resolve()  # the replay runs in a scratch folder
     with tempfile.TemporaryDirectory(prefix="kvevents-dynamo-") as scratch:
         if limit is not None:
             sliced = Path(scratch) / "trace.jsonl"

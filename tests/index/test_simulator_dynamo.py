@@ -76,6 +76,13 @@ def test_kv_routing_through_the_sockets_tracks_dynamos_replay(
     assert abs(ours["prefix_hit_rate"] - theirs["prefix_hit_rate"]) <= 0.02
 
 
+def test_a_relative_trace_path_is_found(dynamo_path: str, monkeypatch) -> None:
+    monkeypatch.chdir(TRACE.parent)
+    options = sim.Options(workers=2)
+    theirs = simdynamo.replay(Path(TRACE.name), "round_robin", options, 20, dynamo_path)
+    assert theirs["requests"] == 20
+
+
 def test_a_missing_dynamo_is_a_clear_error(tmp_path: Path) -> None:
     trace = tmp_path / "t.jsonl"
     trace.write_text('{"timestamp": 0, "input_length": 32, "output_length": 2, "hash_ids": [1]}\n')

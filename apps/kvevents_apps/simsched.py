@@ -175,12 +175,9 @@ class WorkerScheduler:
             # first that would start at or after the next arrival, taken together, each timed
             # as it would be alone (the KV grows by a token per sequence a pass).
             most = min(job.decode_left for job in scheduled)
-            grows = len(scheduled)
-            length = decode
-            while passes < most and now + length < next_arrival_ms:
-                length += self.timing.decode_ms((active + passes * grows) / self.kv_tokens)
-                passes += 1
-            result.length_ms = length
+            passes, result.length_ms = self.timing.decode_run(
+                active, self.kv_tokens, len(scheduled), most, next_arrival_ms - now
+            )
         result.passes = passes
         served = {id(s) for s in scheduled}
         still: list[Job] = []

@@ -80,6 +80,27 @@ class TraceError(ValueError):
     """A trace file that is not in the Mooncake FAST'25 format; names the file and line."""
 
 
+_LANES = sum(1 << (32 * i) for i in range(TRACE_BLOCK))
+"""1 in each of TRACE_BLOCK 32-bit lanes of one integer."""
+_STEPS = sum((i + 1) << (32 * i) for i in range(TRACE_BLOCK))
+"""1, 2, ... TRACE_BLOCK in those lanes."""
+
+
+def _trace_block(hash_id: int) -> bytes:
+    """The token ids of one hash id (hash_id·512 + 1 ... + 512) as little-endian u32s, made
+    by one integer multiply-add over all the lanes: an id at a time, loading the whole
+    trace took four times as long."""
+    base = hash_id * TRACE_BLOCK
+    if base < 0 or base + TRACE_BLOCK >= 1 << 32:
+        raise OverflowError(f"hash id {hash_id} makes token ids beyond 32 bits")
+    packed = (base * _LANES + _STEPS).to_bytes(4 * TRACE_BLOCK, "little")
+    if sys.byteorder == "little":
+        return packed
+    swapped = array("I", packed)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
 def mooncake(path: Path, limit: int | None = None) -> Iterator[Request]:
     """A Mooncake trace, each hash id expanded to 512 deterministic token ids (id·512 + i, so
     requests sharing ids share exactly those tokens), cut to `input_length`, held as
@@ -99,8 +120,9 @@ def mooncake(path: Path, limit: int | None = None) -> Iterator[Request]:
                 for hash_id in hash_ids:
                     if len(tokens) >= length:
                         break
-                    base = int(hash_id) * TRACE_BLOCK + 1
-                    tokens.extend(range(base, base + min(TRACE_BLOCK, length - len(tokens))))
+                    tokens.frombytes(
+                        _trace_block(int(hash_id))[: 4 * min(TRACE_BLOCK, length - len(tokens))]
+                    )
                 request = Request(
                     number, float(row["timestamp"]), tokens, int(row["output_length"])
                 )

@@ -11,7 +11,7 @@ engine.release(allocation)
 from collections.abc import Callable
 from typing import Any
 
-from kvevents_runtime.mockengine import Allocation, Block, TimingModel, chained_hashes
+from kvevents_runtime.mockengine import Allocation, Run, TimingModel, chained_hashes
 from kvevents_runtime.mockengine import MockEngine as _RuntimeMockEngine
 
 from . import events
@@ -80,4 +80,4 @@ def MockEngine(  # noqa: N802  (a factory named as the class it returns)
     )
 
 
-__all__ = ["Allocation", "Block", "MockEngine", "TimingModel", "chained_hashes"]
+__all__ = ["Allocation", "MockEngine", "Run", "TimingModel", "chained_hashes"]

@@ -20,6 +20,7 @@ import logging
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from .ratelimit import RateLimitedLog
@@ -61,6 +62,17 @@ class BlockSet:
         self.untracked = 0
         """Events that could not be applied (not one of the dialect's types, or malformed)."""
         self._log = RateLimitedLog(logger)
+        fields = shape.tier_fields
+        # attrgetter builds the tier key in C: vLLM publishes a removal per evicted block,
+        # and a Python step per field of each one cost a busy publisher thread seconds.
+        self._tier_of: Callable[[Any], tuple[Any, ...]]
+        if len(fields) > 1:
+            self._tier_of = attrgetter(*fields)
+        elif fields:
+            single = attrgetter(fields[0])
+            self._tier_of = lambda event: (single(event),)
+        else:
+            self._tier_of = lambda event: ()
 
     def __len__(self) -> int:
         # list() copies the tiers atomically: counters() reads this from another thread.
@@ -88,7 +100,10 @@ class BlockSet:
                 self._log.warning("kvevents: event left out of the snapshot state: %s", exc)
 
     def _tier(self, event: Any) -> tuple[Any, ...]:
-        return tuple(getattr(event, f, None) for f in self.shape.tier_fields)
+        try:
+            return self._tier_of(event)
+        except AttributeError:  # an event of another release, without every field
+            return tuple(getattr(event, f, None) for f in self.shape.tier_fields)
 
     def _store(self, event: Any) -> None:
         shape = self.shape

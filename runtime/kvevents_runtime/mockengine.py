@@ -4,8 +4,10 @@ publishes exactly what an engine would through a real kvevents publisher.
 The cache is keyed by chained block hashes (`xxh3_64(parent hash ‖ u32 little-endian tokens)`,
 the LoRA name folded into the seed), as vLLM's and SGLang's are. A request matches its cached
 prefix, allocates the rest, keeps every block pinned while it runs and releases them after.
-Eviction frees least-recently-used unpinned leaves from a heap kept across calls: an entry is
-pushed whenever a block becomes an evictable leaf, and entries made stale by later use are
+Blocks are kept in runs (`Run`: the blocks one admission allocated, sharing pins and last
+use). Eviction frees least-recently-used unpinned leaves, a leaf run from its tail, from a
+heap kept across calls: an entry is pushed whenever a run becomes an evictable leaf (the
+order equals a per-block LRU's, which the tests check), and entries made stale by later use are
 skipped when popped (lazy deletion), so no call rebuilds it; it is compacted only when stale
 entries outnumber live blocks, an amortised O(1) per push.
 
@@ -27,6 +29,7 @@ import sys
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import xxhash
@@ -61,16 +64,54 @@ class TimingModel:
         u = min(max(utilisation, 0.0), 1.0)
         return max(self.decode_floor_ms, self.decode_d * u * u + self.decode_e * u + self.decode_f)
 
+    def decode_run(
+        self, kv_tokens: float, capacity_tokens: float, grows: int, most: int, before_ms: float
+    ) -> tuple[int, float]:
+        """Decode passes taken back to back, the KV growing by `grows` tokens a pass from
+        `kv_tokens` of `capacity_tokens`: `(passes, ms)` for as many as `most`, stopping after
+        the first pass that ends at or after `before_ms` (each timed as `decode_ms` would).
+        One method rather than a `decode_ms` call a pass: a long decode is thousands."""
+        d, e, f, floor = self.decode_d, self.decode_e, self.decode_f, self.decode_floor_ms
+        total = 0.0
+        passes = 0
+        kv = float(kv_tokens)
+        while passes < most:
+            u = kv / capacity_tokens
+            u = 0.0 if u < 0.0 else 1.0 if u > 1.0 else u
+            ms = d * u * u + e * u + f
+            total += ms if ms > floor else floor
+            passes += 1
+            kv += grows
+            if total >= before_ms:
+                break
+        return passes, total
 
-class Block:
-    __slots__ = ("alive", "children", "hash", "last_use", "parent", "refs")
+
+class Run:
+    """Blocks that one admission allocated, in chain order. They share their pins and their
+    last use, so LRU eviction takes them from the tail one after another: one heap entry and
+    one object stand for all of them (a per-block object and heap entry cost most of a
+    simulation). A later request that matches only a head of a run splits it (`_split`), so
+    pins and last use stay per run and children always hang off a run's last block."""
+
+    __slots__ = ("alive", "depth", "hashes", "kids", "last_use", "parent", "refs")
 
     def __init__(
-        self, block_hash: int, parent: Block | None, refs: int, last_use: int, children: int
+        self,
+        hashes: list[int],
+        depth: int,
+        parent: Run | None,
+        refs: int,
+        last_use: int,
+        kids: int,
     ) -> None:
-        self.hash = block_hash
+        self.hashes = hashes
+        self.depth = depth
+        """The chain position of `hashes[0]`."""
         self.parent = parent
-        self.children = children
+        """The run whose last block is `hashes[0]`'s parent."""
+        self.kids = kids
+        """Runs whose first block's parent is this run's last block."""
         self.refs = refs
         self.last_use = last_use
         self.alive = True
@@ -80,7 +121,11 @@ class Block:
 class Allocation:
     """The blocks of one admitted request, pinned until `release`."""
 
-    blocks: list[Block]
+    leaf: Run | None
+    """The run holding its last block; its blocks are that run and every run above it (a
+    split later inserts the head it took as a parent, so walking up still finds them all)."""
+    size: int
+    """Its blocks."""
     cached: int
     """Leading blocks that were already in the cache (the prefix hit)."""
     generation: int
@@ -88,7 +133,7 @@ class Allocation:
 
     @property
     def new(self) -> int:
-        return len(self.blocks) - self.cached
+        return self.size - self.cached
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -160,8 +205,9 @@ class MockEngine:
         self.signed = signed_hashes
         self.coalesce = coalesce_removals
         self.medium = medium
-        self.cache: dict[int, Block] = {}
-        self._heap: list[tuple[int, int, Block]] = []
+        self.cache: dict[int, Run] = {}
+        """Every cached block's engine hash -> the run holding it."""
+        self._heap: list[tuple[int, int, Run]] = []
         self._pushes = 0
         self._clock = 0
         self.generation = 0
@@ -234,51 +280,43 @@ class MockEngine:
         request's `chained_hashes`, when the caller has them already."""
         if hashes is None:
             hashes = chained_hashes(tokens, self.block_size, lora_name)
-        cache = self.cache
-        cached = 0
-        while cached < len(hashes) and hashes[cached] in cache:
-            cached += 1
+        matched = self._matched_runs(hashes)
+        cached = matched[-1].depth + len(matched[-1].hashes) if matched else 0
         needed = len(hashes) - cached
-        if needed > self.capacity - len(cache):
-            matched = [cache[h] for h in hashes[:cached]]
-            for block in matched:
-                block.refs += 1  # the prefix must survive the eviction it triggers
-            self._evict(needed - (self.capacity - len(cache)))
-            for block in matched:
-                block.refs -= 1
-            if needed > self.capacity - len(cache):
+        if needed > self.capacity - len(self.cache):
+            for run in matched:
+                run.refs += 1  # the prefix must survive the eviction it triggers
+            self._evict(needed - (self.capacity - len(self.cache)))
+            for run in matched:
+                run.refs -= 1
+            if needed > self.capacity - len(self.cache):
                 self.counters["refused"] += 1
-                for block in matched:
-                    self._maybe_evictable(block)
+                for run in matched:
+                    self._maybe_evictable(run)
                 return None
         self._clock += 1
         clock = self._clock
-        blocks = [cache[h] for h in hashes[:cached]]
-        for block in blocks:
-            block.refs += 1
-            block.last_use = clock
-        first_new = parent = blocks[-1] if blocks else None
+        for run in matched:
+            run.refs += 1
+            run.last_use = clock
+        leaf = parent = matched[-1] if matched else None
         if needed:
+            new_hashes = hashes[cached:]
+            # The run's list shrinks as its tail is evicted; the event keeps its own.
+            leaf = Run(hashes[cached:], cached, parent, 1, clock, 0)
             if parent is not None:
-                parent.children += 1
-            # Each new block is pinned by this request and, but for the last, the next one's
-            # parent: made with those counts rather than counted up one by one.
-            for block_hash in hashes[cached:]:
-                parent = block = Block(block_hash, parent, 1, clock, 1)
-                cache[block_hash] = block
-                blocks.append(block)
-            blocks[-1].children = 0
-        if needed:
+                parent.kids += 1
+            self.cache.update(zip(new_hashes, repeat(leaf)))
             size = self.block_size
             # Removals this admission caused come first: a block evicted and stored again in
             # one step must end up cached, as it is in the engine.
             self._flush_removed()
             self._pending.append(
                 self._events.BlockStored(
-                    block_hashes=[self.wire_hash(h) for h in hashes[cached:]]
+                    block_hashes=[self.wire_hash(h) for h in new_hashes]
                     if self.signed
-                    else hashes[cached:],
-                    parent_block_hash=None if first_new is None else self.wire_hash(first_new.hash),
+                    else new_hashes,
+                    parent_block_hash=None if parent is None else self.wire_hash(parent.hashes[-1]),
                     token_ids=list(tokens[cached * size : len(hashes) * size]),
                     block_size=size,
                     lora_name=lora_name,
@@ -286,7 +324,45 @@ class MockEngine:
                 )
             )
             self.counters["stored"] += needed
-        return Allocation(blocks, cached, self.generation)
+        return Allocation(leaf, len(hashes), cached, self.generation)
+
+    def _matched_runs(self, hashes: list[int]) -> list[Run]:
+        """The runs holding the cached prefix of `hashes`, root first, the last one split so
+        that it ends where the match does."""
+        cache = self.cache
+        runs: list[Run] = []
+        at = 0
+        total = len(hashes)
+        while at < total:
+            run = cache.get(hashes[at])
+            if run is None:
+                break
+            # A chain hash names its whole prefix, and children hang off a run's last block:
+            # the run holding hashes[at] starts there.
+            held = run.hashes
+            end = at + len(held)
+            if end <= total and held == hashes[at:end]:
+                runs.append(run)
+                at = end
+                continue
+            common = 1
+            most = min(len(held), total - at)
+            while common < most and held[common] == hashes[at + common]:
+                common += 1
+            runs.append(self._split(run, common))
+            break
+        return runs
+
+    def _split(self, run: Run, count: int) -> Run:
+        """Cut the first `count` blocks of `run` into a run of their own, its new parent. The
+        tail keeps its identity, so its children and heap entries stay valid."""
+        head_hashes = run.hashes[:count]
+        head = Run(head_hashes, run.depth, run.parent, run.refs, run.last_use, 1)
+        del run.hashes[:count]
+        run.depth += count
+        run.parent = head
+        self.cache.update(zip(head_hashes, repeat(head)))
+        return head
 
     def release(self, allocation: Allocation) -> None:
         """The request finished: its blocks stay cached, evictable once nothing pins them."""
@@ -294,16 +370,18 @@ class MockEngine:
             return  # the cache was cleared or the engine restarted under it
         self._clock += 1
         clock = self._clock
-        for block in reversed(allocation.blocks):
-            block.refs -= 1
-            block.last_use = clock
-            if not block.refs and not block.children:  # only a leaf can become evictable
-                self._maybe_evictable(block)
+        run = allocation.leaf
+        while run is not None:
+            run.refs -= 1
+            run.last_use = clock
+            if not run.refs and not run.kids:  # only a leaf can become evictable
+                self._maybe_evictable(run)
+            run = run.parent
 
-    def _maybe_evictable(self, block: Block) -> None:
-        if block.alive and block.refs == 0 and block.children == 0:
+    def _maybe_evictable(self, run: Run) -> None:
+        if run.alive and run.refs == 0 and run.kids == 0:
             self._pushes += 1
-            heapq.heappush(self._heap, (block.last_use, self._pushes, block))
+            heapq.heappush(self._heap, (run.last_use, self._pushes, run))
             if len(self._heap) > 2 * len(self.cache) + 1024:
                 self._compact()
 
@@ -312,31 +390,40 @@ class MockEngine:
         heapq.heapify(self._heap)
 
     @staticmethod
-    def _valid(entry: tuple[int, int, Block]) -> bool:
-        block = entry[2]
-        return (
-            block.alive and block.refs == 0 and block.children == 0 and block.last_use == entry[0]
-        )
+    def _valid(entry: tuple[int, int, Run]) -> bool:
+        run = entry[2]
+        return run.alive and run.refs == 0 and run.kids == 0 and run.last_use == entry[0]
 
     def _evict(self, count: int) -> int:
+        """Free `count` blocks, least recently used leaf first: a run's blocks go from its
+        tail, and a run left partly cached keeps its heap entry (it is still the oldest)."""
         heap = self._heap
         cache = self.cache
         removed = self._removed
-        signed = self.signed
         freed = 0
         while freed < count and heap:
-            entry = heapq.heappop(heap)
-            block = entry[2]
-            if block.refs or block.children or not block.alive or block.last_use != entry[0]:
-                continue  # used, pinned or given a child since it was pushed (`_valid`)
-            block.alive = False
-            del cache[block.hash]
-            removed.append(self.wire_hash(block.hash) if signed else block.hash)
-            freed += 1
-            parent = block.parent
+            entry = heap[0]
+            run = entry[2]
+            if run.refs or run.kids or not run.alive or run.last_use != entry[0]:
+                heapq.heappop(heap)  # used, pinned or given a child since it was pushed
+                continue
+            held = run.hashes
+            take = min(count - freed, len(held))
+            tail = held[len(held) - take :]
+            del held[len(held) - take :]
+            for block_hash in tail:
+                del cache[block_hash]
+            tail.reverse()  # the leaf goes first
+            removed.extend([self.wire_hash(h) for h in tail] if self.signed else tail)
+            freed += take
+            if held:
+                continue
+            heapq.heappop(heap)
+            run.alive = False
+            parent = run.parent
             if parent is not None:
-                parent.children -= 1
-                if not parent.children and not parent.refs:
+                parent.kids -= 1
+                if not parent.kids and not parent.refs:
                     self._maybe_evictable(parent)
         self.counters["evicted"] += freed
         return freed
@@ -351,7 +438,9 @@ class MockEngine:
         if self.coalesce:
             self._pending.append(make(block_hashes=removed, medium=self.medium))
         else:
-            self._pending.extend(make(block_hashes=[h], medium=self.medium) for h in removed)
+            # One event per block, as vLLM sends them: built through map() (positional
+            # block_hashes, medium), which costs a third of a Python step per event.
+            self._pending.extend(map(make, [[h] for h in removed], repeat(self.medium)))
 
     def step(self, ts: float = 0.0) -> int:
         """Publish this step's events as one batch; returns how many events it held."""
@@ -368,8 +457,8 @@ class MockEngine:
     def clear(self) -> None:
         """Reset the prefix cache (vLLM's reset_prefix_cache): AllBlocksCleared."""
         self._flush_removed()
-        for block in self.cache.values():
-            block.alive = False
+        for run in self.cache.values():
+            run.alive = False
         self.cache.clear()
         self._heap.clear()
         self.generation += 1
@@ -379,8 +468,8 @@ class MockEngine:
     def restart(self) -> None:
         """The engine process restarts in place: unpublished events are lost, the cache is
         empty, and a new publisher (seq 0, a new instance id) binds the same endpoints."""
-        for block in self.cache.values():
-            block.alive = False
+        for run in self.cache.values():
+            run.alive = False
         self.cache.clear()
         self._heap.clear()
         self._pending.clear()

@@ -35,11 +35,12 @@ outside it; a shared backend would need a keyed hash of its own.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 from functools import reduce
 from itertools import repeat
 from operator import or_
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -193,13 +194,32 @@ class PrefixIndex:
         counters = self.counters
         blocks = self._known(worker)
         bit = self.bits[worker]
-        for event in batch.events:
+        events = batch.events
+        count = len(events)
+        at = 0
+        while at < count:
+            event = events[at]
+            at += 1
             counters["events"] += 1
             kind = type(event).__name__
             if kind == "BlockStored":
                 self._store(worker, bit, blocks, event)
             elif kind == "BlockRemoved":
-                self._remove(worker, bit, blocks, event)
+                # vLLM sends one removal per evicted block: a run of removals of one medium
+                # is applied as one, in order, which comes to the same.
+                hashes = event.block_hashes
+                end = at
+                while (
+                    end < count
+                    and type(events[end]) is type(event)
+                    and events[end].medium == event.medium
+                ):
+                    end += 1
+                if end > at:
+                    hashes = [h for removed in events[at - 1 : end] for h in removed.block_hashes]
+                    counters["events"] += end - at
+                    at = end
+                self._remove(worker, bit, blocks, event.medium, hashes)
             elif kind == "AllBlocksCleared":
                 counters["cleared"] += 1
                 self.clear_worker(worker)
@@ -355,14 +375,16 @@ class PrefixIndex:
                         self._other_tiers += 1
             parent = chain
 
-    def _remove(self, worker: Worker, bit: int, blocks: dict[Any, int], event: Any) -> None:
-        tier = self._tier(event.medium)
+    def _remove(
+        self, worker: Worker, bit: int, blocks: dict[Any, int], medium: Any, hashes: list[Any]
+    ) -> None:
+        tier = self._tier(medium)
         if tier == GPU and not self._other_tiers:
             # Every entry is GPU alone (vLLM sends one removal per evicted block, so this is
             # the hot path of a busy engine): a removal is the id forgotten and the bit off.
-            self._remove_gpu_only(worker, bit, blocks, event.block_hashes)
+            self._remove_gpu_only(worker, bit, blocks, hashes)
             return
-        for block_hash in event.block_hashes:
+        for block_hash in hashes:
             chain = blocks.get(block_hash)
             mask = 0 if chain is None else self._mask(chain, bit)
             if chain is None or not mask & tier:
@@ -377,22 +399,28 @@ class PrefixIndex:
     def _remove_gpu_only(
         self, worker: Worker, bit: int, blocks: dict[Any, int], hashes: list[Any]
     ) -> None:
+        # Whole-event dict operations through map(): a removal's hot path is these lookups,
+        # and a Python step per block cost more than the dicts do.
+        found: list[int | None] = list(map(blocks.pop, hashes, repeat(None)))
+        if None in found:
+            self.counters["unknown_removal"] += found.count(None)
+            self.mark_stale(worker, "a removed block is unknown")
+            chains = [chain for chain in found if chain is not None]
+        else:
+            chains = cast(list[int], found)
         holders = self.holders
-        removed = 0
-        for block_hash in hashes:
-            chain = blocks.pop(block_hash, None)
-            if chain is None:
-                self.counters["unknown_removal"] += 1
-                self.mark_stale(worker, "a removed block is unknown")
-                continue
-            removed += 1
-            held = holders[chain] & ~bit
-            if held:
-                holders[chain] = held
-            else:
-                del holders[chain]
-                del self.links[chain]
-        self.counters["blocks_removed"] += removed
+        kept = [held & ~bit for held in map(holders.__getitem__, chains)]
+        if 0 in kept:
+            gone = [chain for chain, held in zip(chains, kept, strict=True) if not held]
+            deque(map(holders.__delitem__, gone), 0)
+            deque(map(self.links.__delitem__, gone), 0)
+            if len(gone) < len(chains):
+                holders.update(
+                    (chain, held) for chain, held in zip(chains, kept, strict=True) if held
+                )
+        else:
+            holders.update(zip(chains, kept, strict=True))
+        self.counters["blocks_removed"] += len(chains)
 
     def _drop(self, bit: int, chain: int, tiers: int) -> None:
         """Take `tiers` of the worker's bit off the block; a block nobody holds is gone

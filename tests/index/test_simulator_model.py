@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -219,3 +221,35 @@ def test_the_socket_mode_runs_the_same_engine_model_as_offline() -> None:
         assert result["mismatches"] == 0 and result["caught_up"], result["behind"]
         figures.append(_figures(result))
     assert figures[0] == figures[1]
+
+
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.lists(st.integers(0, 2**23 - 2), min_size=1, max_size=4), st.integers(1, 2100)
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+@settings(max_examples=50, deadline=None)
+def test_a_trace_row_becomes_its_hash_ids_tokens_cut_to_its_length(tmp_path_factory, rows) -> None:
+    trace = tmp_path_factory.mktemp("trace") / "t.jsonl"
+    trace.write_text(
+        "".join(
+            json.dumps({"timestamp": 0, "input_length": n, "output_length": 1, "hash_ids": ids})
+            + "\n"
+            for ids, n in rows
+        )
+    )
+    for request, (ids, n) in zip(sim.mooncake(trace), rows, strict=True):
+        expected = [h * sim.TRACE_BLOCK + 1 + i for h in ids for i in range(sim.TRACE_BLOCK)]
+        assert list(request.tokens) == expected[:n]
+
+
+def test_a_hash_id_whose_tokens_pass_32_bits_is_a_trace_error(tmp_path) -> None:
+    trace = tmp_path / "t.jsonl"
+    row = {"timestamp": 0, "input_length": 16, "output_length": 1, "hash_ids": [2**23]}
+    trace.write_text(json.dumps(row) + "\n")
+    with pytest.raises(sim.TraceError, match="beyond 32 bits"):
+        list(sim.mooncake(trace))

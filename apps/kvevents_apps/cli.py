@@ -366,7 +366,10 @@ def simulate(args: argparse.Namespace) -> int:
     else:
         requests = list(sim.synthetic(args.limit or 2000, args.seed))
         title = f"synthetic, {len(requests):,} requests, {args.workers} workers"
-    results = sim.run_policies(policies, requests, options)
+    try:
+        results = sim.run_policies(policies, requests, options, args.jobs)
+    except sim.SimulationError as exc:
+        return _fail("simulate", str(exc))
     theirs: list[dict[str, Any]] = []
     if args.compare_dynamo:
         from . import simdynamo
@@ -774,6 +777,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="through NATS JetStream: a local nats-server, a bridge over every engine and a "
         "replica as the router's index (needs kvevents[fleet]); with --faults the subscriber "
         "restart restarts the replica",
+    )
+    p_sim.add_argument(
+        "--jobs",
+        type=_POSITIVE,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="run up to N policies at once, each in its own forked process (default: the "
+        "CPUs here; 1 runs them one after another in this process)",
     )
     p_sim.add_argument("--json", action="store_true", help="print the results as JSON")
     p_sim.add_argument(

@@ -186,6 +186,7 @@ BAD_VALUES = [
     (["simulate", "--block-size", "0"], "--block-size: must be at least 1"),
     (["simulate", "--capacity", "-3"], "--capacity: must be at least 1"),
     (["simulate", "--limit", "0"], "--limit: must be at least 1"),
+    (["simulate", "--jobs", "0"], "--jobs: must be at least 1"),
     (["simulate", "--policy", "kv", "--policy", "kv"], "--policy kv given more than once"),
     (["simulate", "--check-every", "x"], "'x' is not a whole number"),
     (["simulate", "--trace", "no-such-trace.jsonl"], "no trace file"),

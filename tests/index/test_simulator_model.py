@@ -9,6 +9,8 @@
 - Offline, the index is exact at every decision, so `kv` routes as `oracle` does; and the
   socket mode runs the same engine model (round robin, which never reads the index, gives
   the same figures both ways).
+- Policies run in forked processes give what they give one after another in this process,
+  in the order asked; a run that fails in its process is an error with its traceback.
 """
 
 from __future__ import annotations
@@ -221,6 +223,38 @@ def test_the_socket_mode_runs_the_same_engine_model_as_offline() -> None:
         assert result["mismatches"] == 0 and result["caught_up"], result["behind"]
         figures.append(_figures(result))
     assert figures[0] == figures[1]
+
+
+def _needs_fork() -> None:
+    if not sim.can_fork():
+        pytest.skip(
+            "policies run one after another here: no fork, or another thread runs in this process"
+        )
+
+
+def test_policies_in_processes_equal_policies_one_after_another() -> None:
+    _needs_fork()
+    requests = _workload()
+    options = sim.Options(workers=3, capacity_blocks=256, progress=False, offline=True)
+    policies = ["oracle", "round_robin", "kv", "random"]
+    alone = sim.run_policies(policies, requests, options, jobs=1)
+    together = sim.run_policies(policies, requests, options, jobs=3)
+    assert [r["policy"] for r in together] == policies
+    assert [_figures(r) for r in together] == [_figures(r) for r in alone]
+    assert all(r["mismatches"] == 0 and r["caught_up"] for r in together)
+
+
+def test_a_policy_that_fails_in_its_process_is_an_error_with_its_traceback() -> None:
+    _needs_fork()
+    options = sim.Options(workers=0, progress=False, offline=True)
+    with pytest.raises(
+        sim.SimulationError,
+        match=r"(?s)the round_robin run failed.*"
+        r"ValueError: workers must be at least 1",
+    ):
+        sim.run_policies(["round_robin", "kv"], _workload(), options, jobs=2)
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        sim.run_policies(["round_robin", "kv"], _workload(), options, jobs=1)
 
 
 @given(

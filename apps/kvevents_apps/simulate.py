@@ -35,7 +35,6 @@ import asyncio
 import heapq
 import json
 import multiprocessing
-import multiprocessing.connection
 import random
 import statistics
 import sys
@@ -45,8 +44,9 @@ import traceback
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kvevents.fleet import Bridge, EngineSpec, FleetIndex
 from kvevents.index import LiveIndex, PrefixIndex
@@ -665,7 +665,7 @@ def _in_processes(
     global _INHERITED
     context = multiprocessing.get_context("fork")
     pending = list(policies)
-    running: dict[Any, tuple[str, Any]] = {}
+    running: dict[Connection, tuple[str, Any]] = {}
     results: dict[str, dict[str, Any]] = {}
     _INHERITED = (requests, options)
     try:
@@ -679,8 +679,10 @@ def _in_processes(
                 process.start()
                 send.close()  # so a child that dies unsent reads as end of file here
                 running[receive] = (policy, process)
-            for ready in multiprocessing.connection.wait(list(running)):
+            for readable in wait(list(running)):
+                ready = cast(Connection, readable)  # wait() gives back what it was given
                 policy, process = running.pop(ready)
+                payload: Any
                 try:
                     kind, payload = ready.recv()
                 except EOFError:

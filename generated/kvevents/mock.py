@@ -49,7 +49,8 @@ def MockEngine(  # noqa: N802  (a factory named as the class it returns)
 ) -> _RuntimeMockEngine:
     """An engine of `capacity_blocks` blocks publishing in `dialect` (with `publish=False`,
     the cache alone, for brute-force comparisons and benchmarks; with `sink` as well, each
-    step's batch of canonical events handed to it, no socket in the way). `coalesce_removals`:
+    step's batch of canonical events handed to it, no socket in the way; their `token_ids`
+    are an `array` slice where the tokens admitted were an array). `coalesce_removals`:
     one BlockRemoved per step rather than per block (None: as the dialect's engine does)."""
     cls = _publisher_class(dialect)
 

@@ -27,6 +27,7 @@ import heapq
 import struct
 import sys
 from array import array
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -317,7 +318,7 @@ class MockEngine:
                     if self.signed
                     else new_hashes,
                     parent_block_hash=None if parent is None else self.wire_hash(parent.hashes[-1]),
-                    token_ids=list(tokens[cached * size : len(hashes) * size]),
+                    token_ids=self._token_ids(tokens[cached * size : len(hashes) * size]),
                     block_size=size,
                     lora_name=lora_name,
                     medium=self.medium,
@@ -325,6 +326,14 @@ class MockEngine:
             )
             self.counters["stored"] += needed
         return Allocation(leaf, len(hashes), cached, self.generation)
+
+    def _token_ids(self, tokens: Sequence[int]) -> Any:
+        """A list for the wire; without a publisher, an `array` slice as it is (a sink's
+        events are not encoded): the index hashes an array's bytes directly, where a list
+        made only to be packed back into bytes cost 260 ns a block (376 against 116)."""
+        if self.publisher is None and isinstance(tokens, array):
+            return tokens
+        return list(tokens)
 
     def _matched_runs(self, hashes: list[int]) -> list[Run]:
         """The runs holding the cached prefix of `hashes`, root first, the last one split so
@@ -411,8 +420,7 @@ class MockEngine:
             take = min(count - freed, len(held))
             tail = held[len(held) - take :]
             del held[len(held) - take :]
-            for block_hash in tail:
-                del cache[block_hash]
+            deque(map(cache.__delitem__, tail), 0)
             tail.reverse()  # the leaf goes first
             removed.extend([self.wire_hash(h) for h in tail] if self.signed else tail)
             freed += take

@@ -2,8 +2,9 @@
 
 A block is known by its chain key: its Dynamo-compatible local block hash (`blockhash`)
 chained onto its parent's chain key. Chaining makes the tree flat: who holds a block is one
-entry of one dict (chain key -> worker bits), with no node objects, no child dicts and no
-pruning; a query chains the request's local hashes and looks each up. Each worker (a
+entry of one dict (chain key -> worker bits over the block's link to its parent), with no
+node objects, no child dicts and no pruning; a query chains the request's local hashes and
+looks each up. Each worker (a
 `(worker_id, dp_rank)` pair) also maps its engine block hashes to chain keys, which is how
 parents are found and removals applied. Semantics, chosen to equal the engine's cache rather
 than to be convenient:
@@ -101,6 +102,13 @@ COUNTER_NAMES = (
 ROOT = 0
 """The chain key a first block chains onto."""
 _U64 = (1 << 64) - 1
+LINK_BITS = 128
+"""A `holders` value's low bits: the block's link (parent chain key, unsigned, << 64 | its
+local hash); worker bits start above them."""
+_FIRST_WORKER = 1 << LINK_BITS
+_LINK = _FIRST_WORKER - 1
+_WORKERS = -_FIRST_WORKER
+"""Every worker bit (and no link bit), as a mask."""
 
 
 class PrefixIndex:
@@ -112,11 +120,10 @@ class PrefixIndex:
             raise ValueError("block_size must be at least 1")
         self.block_size = block_size
         self.holders: dict[int, int] = {}
-        """chain key -> the bits of the workers holding the block, in any tier (never 0:
-        a block nobody holds has no entry)."""
-        self.links: dict[int, int] = {}
-        """chain key -> parent chain key << 64 | local hash, for /dump: the one
-        thing a key cannot give back. Same keys as `holders`."""
+        """chain key -> the bits of the workers holding the block, in any tier (at least
+        one: a block nobody holds has no entry), over its link in the low LINK_BITS (for
+        /dump: the one thing a key cannot give back). One map rather than a second for the
+        links: a store or removal touches one dict entry a block, not two."""
         self.tiers: dict[int, dict[int, int]] = {}
         """chain key -> worker bit -> tiers (bit mask), for entries other than GPU alone."""
         self.lookup: dict[Worker, dict[Any, int]] = {}
@@ -167,7 +174,7 @@ class PrefixIndex:
         if blocks is None:
             blocks = self.lookup[worker] = {}
             free = self._free_bits
-            bit = free.pop() if free else 1 << len(self.bits)
+            bit = free.pop() if free else _FIRST_WORKER << len(self.bits)
             self.bits[worker] = bit
             self._worker_of_bit[bit] = worker
         return blocks
@@ -256,11 +263,10 @@ class PrefixIndex:
             tiers[bit] = mask
         if mask:
             holders[chain] = held | bit
-        elif held & ~bit:
+        elif held & ~bit & _WORKERS:
             holders[chain] = held & ~bit
         elif held:
             del holders[chain]
-            del self.links[chain]
 
     def _store(self, worker: Worker, bit: int, blocks: dict[Any, int], event: Any) -> None:
         counters = self.counters
@@ -288,6 +294,11 @@ class PrefixIndex:
             except (OverflowError, TypeError):
                 counters["bad_events"] += 1  # token pairs or ids beyond u32: not hashable here
                 return
+        elif keys and not (0 <= min(keys) and max(keys) <= _U64):
+            # Given hashes outside u64 would spill out of their link into the worker bits.
+            counters["bad_events"] += 1
+            self.mark_stale(worker, "a stored event's local hashes are not u64")
+            return
         if len(keys) < len(hashes):
             counters["bad_events"] += 1
             self.mark_stale(worker, "a stored event has fewer tokens than blocks")
@@ -313,14 +324,16 @@ class PrefixIndex:
             # The common case, a branch new to this worker under new ids: whole-event dict
             # updates instead of a Python step per block.
             parents = [parent_chain, *chains[:-1]] if count else []
-            self.links.update(
-                {
-                    c: p << 64 | k
-                    for c, p, k, h in zip(chains, parents, keys, held, strict=True)
-                    if not h
-                }
+            holders.update(
+                zip(
+                    chains,
+                    [
+                        h | bit if h else bit | (p & _U64) << 64 | k
+                        for h, p, k in zip(held, parents, keys, strict=True)
+                    ],
+                    strict=True,
+                )
             )
-            holders.update(zip(chains, [h | bit for h in held], strict=True))
         else:
             self._store_each(bit, blocks, hashes, keys, chains, parent_chain, tier)
         counters["blocks_stored"] += count
@@ -347,7 +360,6 @@ class PrefixIndex:
         tier: int,
     ) -> None:
         holders = self.holders
-        links = self.links
         for block_hash, key, chain in zip(hashes, keys, chains, strict=True):
             held = holders.get(chain, 0)
             old = blocks.get(block_hash)
@@ -364,7 +376,8 @@ class PrefixIndex:
                     # The id moved here from elsewhere: the old place loses this worker.
                     self._drop(bit, old, self._mask(old, bit))
             if not held:
-                links[chain] = parent << 64 | key
+                # Linked before any bit is set: every way on from here sets this worker's.
+                held = holders[chain] = (parent & _U64) << 64 | key
             if tier == GPU and not held & bit:
                 holders[chain] = held | bit
             else:
@@ -410,13 +423,14 @@ class PrefixIndex:
             chains = cast(list[int], found)
         holders = self.holders
         kept = [held & ~bit for held in map(holders.__getitem__, chains)]
-        if 0 in kept:
-            gone = [chain for chain, held in zip(chains, kept, strict=True) if not held]
+        if kept and min(kept) < _FIRST_WORKER:
+            gone = [chain for chain, held in zip(chains, kept, strict=True) if held < _FIRST_WORKER]
             deque(map(holders.__delitem__, gone), 0)
-            deque(map(self.links.__delitem__, gone), 0)
             if len(gone) < len(chains):
                 holders.update(
-                    (chain, held) for chain, held in zip(chains, kept, strict=True) if held
+                    (chain, held)
+                    for chain, held in zip(chains, kept, strict=True)
+                    if held >= _FIRST_WORKER
                 )
         else:
             holders.update(zip(chains, kept, strict=True))
@@ -468,7 +482,7 @@ class PrefixIndex:
         holders = self.holders
         path: list[int] | None = [] if tiers else None
         chain = ROOT
-        active = -1  # every bit: the first block sets who is in the running
+        active = _WORKERS  # every worker: the first block sets who is in the running
         depth = 0
         for key in hashes:
             chain = hash((chain, key))
@@ -508,10 +522,12 @@ class PrefixIndex:
         parents first (for /dump)."""
         blocks = self.lookup.get(worker, {})
         by_chain = {chain: h for h, chain in blocks.items()}
-        links = self.links
+        holders = self.holders
         for block_hash, chain in blocks.items():
-            link = links[chain]
+            link = holders[chain] & _LINK
             parent = link >> 64
+            if parent >= 1 << 63:
+                parent -= 1 << 64  # chain keys are signed (CPython's hash), links unsigned
             yield by_chain.get(parent) if parent != ROOT else None, [(block_hash, link & _U64)]
 
 

@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from kvevents.index import PrefixIndex, local_block_hashes
 from kvevents_runtime.backend import IndexBackend
-from kvevents_runtime.prefix import CPU, GPU, TIER_OF_MEDIUM
+from kvevents_runtime.prefix import CPU, GPU, LINK_BITS, TIER_OF_MEDIUM
 from tests.index.protocol_only import ProtocolOnly
 
 pytestmark = pytest.mark.timeout(900)  # 10,000 examples on a loaded 2-core machine
@@ -281,17 +281,22 @@ class IndexMachine(RuleBasedStateMachine):
         for worker, blocks in self.index.lookup.items():
             for chain in blocks.values():
                 listed[chain] = listed.get(chain, 0) | self.index.bits[worker]
-        assert self.index.holders == listed, "a block's worker bits drifted"
+        workers = {
+            chain: held >> LINK_BITS << LINK_BITS for chain, held in self.index.holders.items()
+        }
+        assert workers == listed, "a block's worker bits drifted"
         assert len(set(self.index.bits.values())) == len(self.index.bits)
 
     @invariant()
     def every_held_block_keeps_its_link_and_no_other_is_kept(self) -> None:
         if not isinstance(self.index, PrefixIndex):
             return
-        assert self.index.links.keys() == self.index.holders.keys()
         assert set(self.index.tiers) <= set(self.index.holders)
-        for chain, link in self.index.links.items():
+        for chain, held in self.index.holders.items():
+            assert held >> LINK_BITS, "a block nobody holds is kept"
+            link = held & ((1 << LINK_BITS) - 1)
             parent = link >> 64
+            parent -= (1 << 64) if parent >= 1 << 63 else 0
             assert hash((parent, link & ((1 << 64) - 1))) == chain, "a link names another block"
         for tiers in self.index.tiers.values():
             assert tiers and all(mask not in (0, GPU) for mask in tiers.values())
@@ -371,7 +376,7 @@ def test_an_id_moved_onto_an_ancestor_of_its_old_block_stays_in_the_tree() -> No
     match = index.query([1, 2, 3, 4])[worker]
     assert (match.blocks, match.stale) == (2, False)
     index.apply(worker, KVEventBatch(ts=0.0, events=[AllBlocksCleared()]))
-    assert index.query([1, 2, 3, 4]) == {} and not index.holders and not index.links
+    assert index.query([1, 2, 3, 4]) == {} and not index.holders
 
 
 def test_a_renamed_block_keeps_its_tiers_apart() -> None:
@@ -385,3 +390,20 @@ def test_a_renamed_block_keeps_its_tiers_apart() -> None:
     index.apply(worker, KVEventBatch(ts=0.0, events=[BlockRemoved(block_hashes=[5], medium="GPU")]))
     match = index.query([1, 2])[worker]
     assert (match.blocks, match.gpu, match.cpu) == (1, 0, 1)
+
+
+@pytest.mark.parametrize("bad", [-1, 1 << 64])
+def test_given_local_hashes_outside_u64_are_a_bad_event_that_marks_the_worker_stale(bad: int):
+    """A bridge's redacted store carries local hashes as given; one outside u64 would spill
+    out of its link into the bits that say which workers hold the block."""
+    from kvevents_runtime.fleet.redact import BlockStored as Redacted
+    from kvevents_runtime.fleet.redact import RedactedBatch
+
+    index = PrefixIndex(BS)
+    worker = (1, 0)
+    index.apply(worker, RedactedBatch(0.0, [Redacted([7], None, BS, [5])]))
+    index.apply(worker, RedactedBatch(0.0, [Redacted([8], 7, BS, [bad])]))
+    assert index.counters["bad_events"] == 1
+    assert worker in index.stale
+    assert index.engine_blocks(worker) == {7}
+    assert index.match([5, bad & ((1 << 64) - 1)])[worker].blocks == 1

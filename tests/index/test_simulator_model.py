@@ -18,6 +18,10 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
+import multiprocessing
+import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -225,36 +229,51 @@ def test_the_socket_mode_runs_the_same_engine_model_as_offline() -> None:
     assert figures[0] == figures[1]
 
 
-def _needs_fork() -> None:
-    if not sim.can_fork():
-        pytest.skip(
-            "policies run one after another here: no fork, or another thread runs in this process"
-        )
+_FRESH = """
+import json
+from kvevents_apps import simulate as sim
+assert sim.can_fork(), "a fresh interpreter has one thread and fork"
+requests = list(sim.synthetic(requests=120, seed=11, prompts=3, prompt_tokens=256,
+    conversations=10, turn_tokens=64, output_tokens=8, rate_per_s=40.0))
+options = sim.Options(workers=WORKERS, capacity_blocks=256, progress=False, offline=True)
+policies = POLICIES
+try:
+    out = {name: sim.run_policies(policies, requests, options, jobs=jobs)
+           for name, jobs in (("together", 3), ("alone", 1))}
+except Exception as exc:
+    out = {"error": type(exc).__name__, "message": str(exc)}
+print(json.dumps(out))
+"""
+"""Run in an interpreter of its own: this one has threads left by other tests, and forks
+only from a process with none (`sim.can_fork`)."""
+
+
+def _fresh(workers: int, policies: list[str]) -> dict:
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform: policies run one after another")
+    code = _FRESH.replace("WORKERS", str(workers)).replace("POLICIES", repr(policies))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def test_policies_in_processes_equal_policies_one_after_another() -> None:
-    _needs_fork()
-    requests = _workload()
-    options = sim.Options(workers=3, capacity_blocks=256, progress=False, offline=True)
     policies = ["oracle", "round_robin", "kv", "random"]
-    alone = sim.run_policies(policies, requests, options, jobs=1)
-    together = sim.run_policies(policies, requests, options, jobs=3)
-    assert [r["policy"] for r in together] == policies
-    assert [_figures(r) for r in together] == [_figures(r) for r in alone]
-    assert all(r["mismatches"] == 0 and r["caught_up"] for r in together)
+    out = _fresh(3, policies)
+    assert [r["policy"] for r in out["together"]] == policies
+    assert [_figures(r) for r in out["together"]] == [_figures(r) for r in out["alone"]]
+    assert all(r["mismatches"] == 0 and r["caught_up"] for r in out["together"])
+    assert out["together"][0]["prefix_hit_rate"] > 0
 
 
 def test_a_policy_that_fails_in_its_process_is_an_error_with_its_traceback() -> None:
-    _needs_fork()
-    options = sim.Options(workers=0, progress=False, offline=True)
-    with pytest.raises(
-        sim.SimulationError,
-        match=r"(?s)the round_robin run failed.*"
+    out = _fresh(0, ["round_robin", "kv"])
+    assert out["error"] == "SimulationError"
+    assert re.search(
+        r"(?s)the round_robin run failed \(process \d+, exit code 0\).*"
         r"ValueError: workers must be at least 1",
-    ):
-        sim.run_policies(["round_robin", "kv"], _workload(), options, jobs=2)
-    with pytest.raises(ValueError, match="workers must be at least 1"):
-        sim.run_policies(["round_robin", "kv"], _workload(), options, jobs=1)
+        out["message"],
+    ), out["message"]
 
 
 @given(

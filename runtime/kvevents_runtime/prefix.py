@@ -136,6 +136,9 @@ class PrefixIndex:
         removed, reused by the next one)."""
         self._worker_of_bit: dict[int, Worker] = {}
         self._free_bits: list[int] = []
+        self._every_worker = 0
+        """Every worker's bit: where a walk starts (positive, which ANDs faster with a
+        holders value than a negative mask of all bits)."""
         self._other_tiers = 0
         """(worker, block) entries in a tier other than GPU: answers need per-tier walks."""
 
@@ -158,6 +161,7 @@ class PrefixIndex:
         if bit is not None:
             del self._worker_of_bit[bit]
             self._free_bits.append(bit)
+            self._every_worker &= ~bit
 
     def clear_worker(self, worker: Worker) -> None:
         blocks = self.lookup.get(worker)
@@ -177,6 +181,7 @@ class PrefixIndex:
             bit = free.pop() if free else _FIRST_WORKER << len(self.bits)
             self.bits[worker] = bit
             self._worker_of_bit[bit] = worker
+            self._every_worker |= bit
         return blocks
 
     def mark_stale(self, worker: Worker, reason: str) -> None:
@@ -482,7 +487,7 @@ class PrefixIndex:
         holders = self.holders
         path: list[int] | None = [] if tiers else None
         chain = ROOT
-        active = _WORKERS  # every worker: the first block sets who is in the running
+        active = self._every_worker  # the first block sets who is in the running
         depth = 0
         for key in hashes:
             chain = hash((chain, key))

@@ -104,6 +104,11 @@ class Harness:
             await replica.sync(timeout=60)
         for number, replica in enumerate(replicas):
             assert mismatches(self.fleet, replica) == [], f"replica {number}: {replica.progress()}"
+        # No replica is stale, so any loss the bridge met is healed: every worker it has
+        # followed is whole.
+        bridge = self.bridge
+        followed = [key for key in bridge.worker_keys() if bridge.position(key)[0] is not None]
+        assert all(bridge.whole(key) for key in followed), followed
         probes = [p + [7] * 4 for p in self.fleet.prefixes]
         answers = [[sorted(r.query(p).items()) for p in probes] for r in replicas]
         assert all(a == answers[0] for a in answers), "replicas answer differently"

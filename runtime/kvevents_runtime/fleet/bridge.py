@@ -431,6 +431,12 @@ class Bridge:
         worker = self._workers[key]
         return worker.epoch, worker.last_seq
 
+    def whole(self, key: Worker) -> bool:
+        """Whether the bridge holds the worker's whole state: nothing lost since its epoch
+        began or since the engine's last snapshot, so a snapshot published now is whole
+        (False before its first delivery: the bridge holds nothing of it yet)."""
+        return self._workers[key].whole
+
     def taken(self, key: Worker) -> tuple[bytes | None, int]:
         """`(instance, seq)`: the publisher instance of the epoch being followed (None while
         unknown) and the newest seq of it taken into the queue; unlike the epoch token, the

@@ -907,7 +907,7 @@ def _index_targets(index: dict[str, Any]) -> list[dict[str, Any]]:
                     True,
                 )
             ],
-            "CPython dict slots and int objects: per (worker, block) the worker's id map (an engine-hash int and a slot, about 90 B), per distinct block the holders and links maps (two slots and two ints, about 190 B), where Dynamo's maps hold plain u64s",
+            "CPython dict slots and int objects: per (worker, block) the worker's id map (an engine-hash int and a slot, about 90 B), per distinct block the holders map (a slot, the chain-key int and one int of worker bits over the block's link, about 140 B), where Dynamo's maps hold plain u64s",
         )
     )
     return out

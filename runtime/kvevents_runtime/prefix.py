@@ -4,10 +4,9 @@ A block is known by its chain key: its Dynamo-compatible local block hash (`bloc
 chained onto its parent's chain key. Chaining makes the tree flat: who holds a block is one
 entry of one dict (chain key -> worker bits over the block's link to its parent), with no
 node objects, no child dicts and no pruning; a query chains the request's local hashes and
-looks each up. Each worker (a
-`(worker_id, dp_rank)` pair) also maps its engine block hashes to chain keys, which is how
-parents are found and removals applied. Semantics, chosen to equal the engine's cache rather
-than to be convenient:
+looks each up. Each worker (a `(worker_id, dp_rank)` pair) also maps its engine block hashes
+to chain keys, which is how parents are found and removals applied. Semantics, chosen to equal
+the engine's cache rather than to be convenient:
 
 - BlockStored links to its parent by this worker's engine hash; a store whose parent this
   worker does not hold is never re-rooted: it is skipped and the worker marked stale.

@@ -14,7 +14,14 @@ Policies:
 - `kv`: Dynamo's cost with the router's own books of each worker's load (`simroute`), the
   overlap from the index as the events have reached it (stale workers count no overlap);
 - `oracle`: the same cost with the overlap from the engines' true caches at the instant of
-  the decision: what the event lag costs the `kv` policy.
+  the decision.
+
+Before `kv` routes a request, the simulator waits (by sequence numbers, bounded) until the
+index holds every batch the engines published before the arrival. In simulated time requests
+arrive hundreds of ms apart and a real index trails its engines by a millisecond or so; without
+the wait, the lag would be that of this machine's threads running simulated time faster than
+real time, and the figures would depend on the machine's speed. `--event-lag` routes on
+whatever has arrived instead (then `oracle` shows what that lag costs); so does `--fleet`.
 
 At the end of each run (and every `--check-every` requests) the simulator waits until the
 index has received everything published, then compares every worker's blocks in the index
@@ -35,6 +42,7 @@ import asyncio
 import gc
 import heapq
 import json
+import logging
 import multiprocessing
 import random
 import statistics
@@ -56,6 +64,8 @@ from kvevents.mock import MockEngine, TimingModel, chained_hashes
 
 from .simroute import DynamoCost
 from .simsched import Budgets, Job, PassResult, WorkerScheduler
+
+logger = logging.getLogger(__name__)
 
 POLICIES = ("round_robin", "random", "kv", "oracle")
 TRACE_BLOCK = 512
@@ -236,9 +246,14 @@ class Options:
     timing: TimingModel = field(default_factory=TimingModel)
     progress: bool = True
     fleet: bool = False
+    """Engines -> a bridge -> JetStream -> a replica, instead of a `LiveIndex`."""
     offline: bool = False
     """Engines hand their batches to an in-memory index directly, instead of over sockets."""
-    """Engines -> a bridge -> JetStream -> a replica, instead of a `LiveIndex`."""
+    event_lag: bool = False
+    """`kv` routes on what the index has received, without waiting for what is in flight."""
+    route_wait_s: float = 5.0
+    """How long `kv` waits for the index before a request; a request routed after the wait
+    ran out is counted in `late_routes` and logged."""
 
 
 class Simulation:
@@ -265,6 +280,10 @@ class Simulation:
         self.faults_done: list[str] = []
         self.stall_until = -1
         self.next_arrival_ms = float("inf")
+        self.late_routes = 0
+        self.waits_for_events = (
+            policy == "kv" and not options.event_lag and not options.offline and not options.fleet
+        )
 
     async def run(self) -> dict[str, Any]:
         o = self.options
@@ -341,6 +360,7 @@ class Simulation:
             "index_counters": check["index_counters"],
             "checks": self.checks,
             "faults": self.faults_done,
+            "late_routes": self.late_routes,
         }
 
     async def _start_fleet(self) -> asyncio.Task[None]:
@@ -413,6 +433,8 @@ class Simulation:
                 await self._fault(fault_points[arrived], now, arrived)
             if arrived > self.stall_until:
                 await self.live.step(0)
+                if self.waits_for_events:
+                    await self._wait_for_events(arrived)
             hashes = request.block_hashes(self.options.block_size)
             number = self._route(request, hashes)
             worker = self.workers[number]
@@ -434,6 +456,21 @@ class Simulation:
                     f"({now / 1000:,.0f} s simulated)",
                     file=sys.stderr,
                 )
+
+    async def _wait_for_events(self, arrived: int) -> None:
+        deadline = time.monotonic() + self.options.route_wait_s
+        while any(self._owes(number, worker) for number, worker in enumerate(self.workers)):
+            if time.monotonic() > deadline:
+                self.late_routes += 1
+                logger.warning(
+                    "kvevents simulate: request %d routed after %.1f s without the index "
+                    "holding every published batch: %s",
+                    arrived,
+                    self.options.route_wait_s,
+                    self._behind(),
+                )
+                return
+            await self.live.step(0.001)
 
     def _step(self, number: int, now: float) -> float | None:
         """One scheduler pass of a worker (or several with an unchanged decode batch); returns
@@ -580,23 +617,31 @@ class Simulation:
             "index_counters": live.all_counters(),
         }
 
+    def _owes(self, number: int, worker: Worker) -> bool:
+        """Whether some seq the worker's publisher gave out is neither delivered to the index
+        nor reported lost."""
+        publisher = worker.engine.publisher
+        flushed = publisher.flushed_next_seq()
+        state = self.live.state((number, 0))
+        return not (
+            flushed is not None
+            and state is not None
+            and state.complete
+            and state.instance == publisher.instance
+            and (state.expected or 0) >= flushed
+        )
+
     def _behind(self) -> dict[int, dict[str, Any]]:
         """What each worker's stream still owes the index, decided by sequence numbers (empty
         when every seq each publisher gave out is delivered or reported lost): what a timeout
         of the check reports instead of a bare count of mismatches."""
         out = {}
         for number, worker in enumerate(self.workers):
+            if not self._owes(number, worker):
+                continue
             publisher = worker.engine.publisher
             flushed = publisher.flushed_next_seq()
             state = self.live.state((number, 0))
-            if (
-                flushed is not None
-                and state is not None
-                and state.complete
-                and state.instance == publisher.instance
-                and (state.expected or 0) >= flushed
-            ):
-                continue
             counters = publisher.counters()
             out[number] = {
                 "published_next_seq": counters["next_seq"],

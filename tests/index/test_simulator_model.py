@@ -8,7 +8,9 @@
 - The router's incremental books equal a recomputation from the requests outstanding.
 - Offline, the index is exact at every decision, so `kv` routes as `oracle` does; and the
   socket mode runs the same engine model (round robin, which never reads the index, gives
-  the same figures both ways).
+  the same figures both ways). Through the sockets `kv` waits until the index holds every
+  published batch, so it gives the offline figures too; a wait that runs out is counted and
+  logged, and `event_lag` never waits.
 - Policies run in forked processes give what they give one after another in this process,
   in the order asked; a run that fails in its process is an error with its traceback.
 """
@@ -227,6 +229,38 @@ def test_the_socket_mode_runs_the_same_engine_model_as_offline() -> None:
         assert result["mismatches"] == 0 and result["caught_up"], result["behind"]
         figures.append(_figures(result))
     assert figures[0] == figures[1]
+
+
+def test_socket_kv_waits_for_the_index_and_gives_the_offline_figures() -> None:
+    requests = _workload()
+    figures = []
+    for offline in (True, False):
+        options = sim.Options(workers=3, capacity_blocks=256, progress=False, offline=offline)
+        result = asyncio.run(sim.Simulation("kv", requests, options).run())
+        assert result["mismatches"] == 0 and result["caught_up"], result["behind"]
+        assert result["late_routes"] == 0
+        figures.append(_figures(result))
+    assert figures[0] == figures[1]
+
+
+def test_a_wait_for_the_index_that_runs_out_is_counted_and_logged(caplog) -> None:
+    requests = _workload()
+    options = sim.Options(workers=3, capacity_blocks=256, progress=False, route_wait_s=0.0)
+    with caplog.at_level("WARNING", logger="kvevents_apps.simulate"):
+        result = asyncio.run(sim.Simulation("kv", requests, options).run())
+    assert result["late_routes"] > 0
+    logged = [r for r in caplog.records if "without the index holding" in r.getMessage()]
+    assert len(logged) == result["late_routes"]
+    assert result["mismatches"] == 0 and result["caught_up"]  # the end check still waits
+
+
+def test_with_event_lag_kv_never_waits() -> None:
+    options = sim.Options(
+        workers=3, capacity_blocks=256, progress=False, route_wait_s=0.0, event_lag=True
+    )
+    result = asyncio.run(sim.Simulation("kv", _workload(), options).run())
+    assert result["late_routes"] == 0
+    assert result["mismatches"] == 0 and result["caught_up"]
 
 
 _FRESH = """

@@ -146,6 +146,7 @@ class IndexMachine(RuleBasedStateMachine):
         pick=st.integers(0, 10_000),
         which=st.integers(0, 10_000),
         reused=st.integers(0, 3),
+        twice=st.booleans(),
     )
     def store(
         self,
@@ -159,6 +160,7 @@ class IndexMachine(RuleBasedStateMachine):
         pick: int,
         which: int,
         reused: int,
+        twice: bool,
     ) -> None:
         mine = [h for ww, h in self.stored if ww == w]
         parent: Any = None
@@ -178,6 +180,10 @@ class IndexMachine(RuleBasedStateMachine):
             # mostly, as an engine's are.
             recent = mine[-4:]
             hashes[reuse_at % len(hashes)] = recent[reused % len(recent)]
+        if twice and len(hashes) > 1:
+            # One id twice in one event: its first block moves to the second place (the
+            # index's whole-event fast path must back out and take the slow one).
+            hashes[-1] = hashes[0]
         tokens = [t for block in blocks for t in block]
         keys = local_block_hashes(tokens, BS, lora)
         self.index.apply(w, _stored(hashes, tokens, parent, medium, lora))

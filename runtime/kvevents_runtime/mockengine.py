@@ -1,11 +1,13 @@
 """A mock inference engine: a paged prefix cache that fills, evicts, clears and restarts, and
 publishes exactly what an engine would through a real kvevents publisher.
 
-The cache is keyed by chained block hashes (`xxh3_64(parent hash ‖ u32 little-endian tokens)`,
-the LoRA name folded into the seed), as vLLM's and SGLang's are. A request matches its cached
+The cache is keyed by chained block hashes (`xxh3_64` of a block's u32 little-endian tokens,
+seeded with the parent's hash xor the LoRA name's seed), as vLLM's and SGLang's are. A request matches its cached
 prefix, allocates the rest, keeps every block pinned while it runs and releases them after.
 Blocks are kept in runs (`Run`: the blocks one admission allocated, sharing pins and last
-use). Eviction frees least-recently-used unpinned leaves, a leaf run from its tail, from a
+use), found by their first block's hash: a chain hash names its whole prefix and children hang
+off a run's last block, so a walk along a request's hashes only ever looks up the first block
+of a run, and admitting or evicting a block touches no map. Eviction frees least-recently-used unpinned leaves, a leaf run from its tail, from a
 heap kept across calls: an entry is pushed whenever a run becomes an evictable leaf (the
 order equals a per-block LRU's, which the tests check), and entries made stale by later use are
 skipped when popped (lazy deletion), so no call rebuilds it; it is compacted only when stale
@@ -27,7 +29,6 @@ import heapq
 import struct
 import sys
 from array import array
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -208,8 +209,10 @@ class MockEngine:
         self.signed = signed_hashes
         self.coalesce = coalesce_removals
         self.medium = medium
-        self.cache: dict[int, Run] = {}
-        """Every cached block's engine hash -> the run holding it."""
+        self.runs: dict[int, Run] = {}
+        """The engine hash of each run's first block -> the run (live runs only)."""
+        self._cached = 0
+        """Blocks in the cache: the sum of the live runs' lengths."""
         self._heap: list[tuple[int, int, Run]] = []
         self._pushes = 0
         self._clock = 0
@@ -243,11 +246,15 @@ class MockEngine:
 
     @property
     def used(self) -> int:
-        return len(self.cache)
+        return self._cached
 
     @property
     def utilisation(self) -> float:
-        return len(self.cache) / self.capacity
+        return self._cached / self.capacity
+
+    def cached_hashes(self) -> set[int]:
+        """Every cached block's engine hash (as this engine keys it, before `wire_hash`)."""
+        return {h for run in self.runs.values() for h in run.hashes}
 
     def wire_hash(self, block_hash: int) -> int:
         """A hash as this engine's dialect puts it on the wire."""
@@ -257,20 +264,32 @@ class MockEngine:
 
     def blocks(self) -> set[int]:
         """Every cached block, as wire hashes (what an index of this engine must hold)."""
-        return {self.wire_hash(h) for h in self.cache}
+        return {self.wire_hash(h) for run in self.runs.values() for h in run.hashes}
 
     def match(
         self, tokens: Sequence[int], lora_name: str | None = None, hashes: list[int] | None = None
     ) -> int:
         """Leading complete blocks of `tokens` in the cache now."""
-        count = 0
         if hashes is None:
             hashes = chained_hashes(tokens, self.block_size, lora_name)
-        for block_hash in hashes:
-            if block_hash not in self.cache:
+        runs = self.runs
+        at = 0
+        total = len(hashes)
+        while at < total:
+            run = runs.get(hashes[at])
+            if run is None:
                 break
-            count += 1
-        return count
+            held = run.hashes
+            end = at + len(held)
+            if end <= total and held == hashes[at:end]:
+                at = end
+                continue
+            common = 1
+            most = min(len(held), total - at)
+            while common < most and held[common] == hashes[at + common]:
+                common += 1
+            return at + common
+        return at
 
     def admit(
         self,
@@ -286,13 +305,13 @@ class MockEngine:
         matched = self._matched_runs(hashes)
         cached = matched[-1].depth + len(matched[-1].hashes) if matched else 0
         needed = len(hashes) - cached
-        if needed > self.capacity - len(self.cache):
+        if needed > self.capacity - self._cached:
             for run in matched:
                 run.refs += 1  # the prefix must survive the eviction it triggers
-            self._evict(needed - (self.capacity - len(self.cache)))
+            self._evict(needed - (self.capacity - self._cached))
             for run in matched:
                 run.refs -= 1
-            if needed > self.capacity - len(self.cache):
+            if needed > self.capacity - self._cached:
                 self.counters["refused"] += 1
                 for run in matched:
                     self._maybe_evictable(run)
@@ -309,7 +328,8 @@ class MockEngine:
             leaf = Run(hashes[cached:], cached, parent, 1, clock, 0)
             if parent is not None:
                 parent.kids += 1
-            self.cache.update(zip(new_hashes, repeat(leaf)))
+            self.runs[new_hashes[0]] = leaf
+            self._cached += needed
             size = self.block_size
             # Removals this admission caused come first: a block evicted and stored again in
             # one step must end up cached, as it is in the engine.
@@ -340,7 +360,7 @@ class MockEngine:
     def _matched_runs(self, hashes: list[int]) -> list[Run]:
         """The runs holding the cached prefix of `hashes`, root first, the last one split so
         that it ends where the match does."""
-        cache = self.cache
+        cache = self.runs
         runs: list[Run] = []
         at = 0
         total = len(hashes)
@@ -372,7 +392,8 @@ class MockEngine:
         del run.hashes[:count]
         run.depth += count
         run.parent = head
-        self.cache.update(zip(head_hashes, repeat(head)))
+        self.runs[head_hashes[0]] = head
+        self.runs[run.hashes[0]] = run
         return head
 
     def release(self, allocation: Allocation) -> None:
@@ -393,7 +414,7 @@ class MockEngine:
         if run.alive and run.refs == 0 and run.kids == 0:
             self._pushes += 1
             heapq.heappush(self._heap, (run.last_use, self._pushes, run))
-            if len(self._heap) > 2 * len(self.cache) + 1024:
+            if len(self._heap) > 2 * self._cached + 1024:
                 self._compact()
 
     def _compact(self) -> None:
@@ -409,7 +430,6 @@ class MockEngine:
         """Free `count` blocks, least recently used leaf first: a run's blocks go from its
         tail, and a run left partly cached keeps its heap entry (it is still the oldest)."""
         heap = self._heap
-        cache = self.cache
         removed = self._removed
         freed = 0
         while freed < count and heap:
@@ -420,9 +440,11 @@ class MockEngine:
                 continue
             held = run.hashes
             take = min(count - freed, len(held))
+            if take == len(held):
+                del self.runs[held[0]]
             tail = held[len(held) - take :]
             del held[len(held) - take :]
-            deque(map(cache.__delitem__, tail), 0)
+            self._cached -= take
             tail.reverse()  # the leaf goes first
             removed.extend([self.wire_hash(h) for h in tail] if self.signed else tail)
             freed += take
@@ -467,9 +489,10 @@ class MockEngine:
     def clear(self) -> None:
         """Reset the prefix cache (vLLM's reset_prefix_cache): AllBlocksCleared."""
         self._flush_removed()
-        for run in self.cache.values():
+        for run in self.runs.values():
             run.alive = False
-        self.cache.clear()
+        self.runs.clear()
+        self._cached = 0
         self._heap.clear()
         self.generation += 1
         self._pending.append(self._events.AllBlocksCleared())
@@ -478,9 +501,10 @@ class MockEngine:
     def restart(self) -> None:
         """The engine process restarts in place: unpublished events are lost, the cache is
         empty, and a new publisher (seq 0, a new instance id) binds the same endpoints."""
-        for run in self.cache.values():
+        for run in self.runs.values():
             run.alive = False
-        self.cache.clear()
+        self.runs.clear()
+        self._cached = 0
         self._heap.clear()
         self._pending.clear()
         self._removed.clear()

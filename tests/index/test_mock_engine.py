@@ -117,8 +117,17 @@ def test_the_eviction_heap_evicts_what_a_brute_force_lru_evicts(capacity: int, o
             allocation, hashes = held.pop(op[1] % len(held))
             engine.release(allocation)
             brute.release(hashes)
-        assert set(engine.cache) == set(brute.blocks)
-        assert len(engine._heap) <= 2 * len(engine.cache) + 1024 + 1
+        assert engine.cached_hashes() == set(brute.blocks)
+        assert engine.used == len(brute.blocks)
+        assert len(engine._heap) <= 2 * engine.used + 1024 + 1
+        probes = [chained_hashes(prefix + [100, 101, 102, 103], BS) for prefix in prefixes]
+        for probe in probes + [hashes for _, hashes in held]:
+            # The cache is found through runs' first blocks only: a match must still equal
+            # the leading blocks cached, wherever runs were split or cut.
+            leading = 0
+            while leading < len(probe) and probe[leading] in brute.blocks:
+                leading += 1
+            assert engine.match([], hashes=probe) == leading
 
 
 def _sub(ctx: zmq.Context, endpoint: str) -> zmq.Socket:

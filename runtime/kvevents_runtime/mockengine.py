@@ -272,24 +272,8 @@ class MockEngine:
         """Leading complete blocks of `tokens` in the cache now."""
         if hashes is None:
             hashes = chained_hashes(tokens, self.block_size, lora_name)
-        runs = self.runs
-        at = 0
-        total = len(hashes)
-        while at < total:
-            run = runs.get(hashes[at])
-            if run is None:
-                break
-            held = run.hashes
-            end = at + len(held)
-            if end <= total and held == hashes[at:end]:
-                at = end
-                continue
-            common = 1
-            most = min(len(held), total - at)
-            while common < most and held[common] == hashes[at + common]:
-                common += 1
-            return at + common
-        return at
+        _, depth, _, common = self._prefix_runs(hashes)
+        return depth + common
 
     def admit(
         self,
@@ -360,16 +344,25 @@ class MockEngine:
     def _matched_runs(self, hashes: list[int]) -> list[Run]:
         """The runs holding the cached prefix of `hashes`, root first, the last one split so
         that it ends where the match does."""
-        cache = self.runs
+        runs, _, partial, common = self._prefix_runs(hashes)
+        if partial is not None:
+            runs.append(self._split(partial, common))
+        return runs
+
+    def _prefix_runs(self, hashes: list[int]) -> tuple[list[Run], int, Run | None, int]:
+        """The runs `hashes` matches whole, root first; the blocks they hold; the run the
+        match ends inside of (None if it ends at a run's end); and its leading blocks
+        matched."""
+        found = self.runs
         runs: list[Run] = []
         at = 0
         total = len(hashes)
         while at < total:
-            run = cache.get(hashes[at])
-            if run is None:
-                break
             # A chain hash names its whole prefix, and children hang off a run's last block:
             # the run holding hashes[at] starts there.
+            run = found.get(hashes[at])
+            if run is None:
+                break
             held = run.hashes
             end = at + len(held)
             if end <= total and held == hashes[at:end]:
@@ -380,9 +373,8 @@ class MockEngine:
             most = min(len(held), total - at)
             while common < most and held[common] == hashes[at + common]:
                 common += 1
-            runs.append(self._split(run, common))
-            break
-        return runs
+            return runs, at, run, common
+        return runs, at, None, 0
 
     def _split(self, run: Run, count: int) -> Run:
         """Cut the first `count` blocks of `run` into a run of their own, its new parent. The

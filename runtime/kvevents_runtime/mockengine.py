@@ -2,16 +2,17 @@
 publishes exactly what an engine would through a real kvevents publisher.
 
 The cache is keyed by chained block hashes (`xxh3_64` of a block's u32 little-endian tokens,
-seeded with the parent's hash xor the LoRA name's seed), as vLLM's and SGLang's are. A request matches its cached
-prefix, allocates the rest, keeps every block pinned while it runs and releases them after.
-Blocks are kept in runs (`Run`: the blocks one admission allocated, sharing pins and last
-use), found by their first block's hash: a chain hash names its whole prefix and children hang
-off a run's last block, so a walk along a request's hashes only ever looks up the first block
-of a run, and admitting or evicting a block touches no map. Eviction frees least-recently-used unpinned leaves, a leaf run from its tail, from a
-heap kept across calls: an entry is pushed whenever a run becomes an evictable leaf (the
-order equals a per-block LRU's, which the tests check), and entries made stale by later use are
-skipped when popped (lazy deletion), so no call rebuilds it; it is compacted only when stale
-entries outnumber live blocks, an amortised O(1) per push.
+seeded with the parent's hash xor the LoRA name's seed), as vLLM's and SGLang's are. A request
+matches its cached prefix, allocates the rest, keeps every block pinned while it runs and
+releases them after. Blocks are kept in runs (`Run`: the blocks one admission allocated,
+sharing pins and last use), found by their first block's hash: a chain hash names its whole
+prefix and children hang off a run's last block, so a walk along a request's hashes only ever
+looks up the first block of a run, and admitting or evicting a block touches no map. Eviction
+frees least-recently-used unpinned leaves, a leaf run from its tail, from a heap kept across
+calls: an entry is pushed whenever a run becomes an evictable leaf (the order equals a
+per-block LRU's, which the tests check), and entries made stale by later use are skipped when
+popped (lazy deletion), so no call rebuilds it; it is compacted only when stale entries
+outnumber live blocks, an amortised O(1) per push.
 
 Events of one scheduler step are published as one batch by `step()`: one BlockStored per
 admitted request (its new blocks, parent hash, token ids, `medium`, `lora_name`), BlockRemoved
@@ -264,7 +265,7 @@ class MockEngine:
 
     def blocks(self) -> set[int]:
         """Every cached block, as wire hashes (what an index of this engine must hold)."""
-        return {self.wire_hash(h) for run in self.runs.values() for h in run.hashes}
+        return set(map(self.wire_hash, self.cached_hashes()))
 
     def match(
         self, tokens: Sequence[int], lora_name: str | None = None, hashes: list[int] | None = None
